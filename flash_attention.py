@@ -1,0 +1,401 @@
+"""FP32 FlashAttention for PyTorch: readable, exact, memory-lean and bit-reproducible.
+
+    from flash_attention import flash_attention, FlashAttention
+
+    out = flash_attention(q, k, v, causal=False, softmax_scale=None, deterministic=None)
+    attn = FlashAttention(head_dim=64, causal=True)
+    out = attn(q, k, v)
+
+q is (B, H, Nq, 64), k and v are (B, H, Nk, 64), all float32; a 3-D (B, N, 64) input is
+one head. CUDA tensors run the kernels of flash_attention.cu; CPU tensors run the
+reference below, which walks the same 16x16 tiles in the same order.
+
+This file has four parts, in reading order:
+  1. the reference: Algorithm 1 (forward) and Algorithm 2 (backward) in PyTorch;
+  2. the CUDA extension: loaded if installed, compiled on first use if not;
+  3. the torch.library ops "flash_attention::forward" and "flash_attention::backward",
+     with fake implementations (torch.compile) and the autograd registration;
+  4. the public API: input checks, flash_attention() and FlashAttention.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["flash_attention", "FlashAttention"]
+
+HEAD_DIM = 64  # the only head dimension the kernels are built for
+Br = 16  # query rows in a tile
+Bc = 16  # key/value rows in a tile
+DQ_PARTIALS = 16  # most dQ partial buffers of the deterministic backward
+KERNELS = ("tutorial",)  # the kernel families of flash_attention.cu; the first is the default
+
+
+def dq_partials(Nk: int) -> int:
+    """Number P of dQ partial buffers the deterministic backward uses: min(Tc, DQ_PARTIALS).
+
+    It depends only on Nk and the tile size. The deterministic backward's extra memory
+    is P * B * H * Nq * 64 float32 values (4 bytes each).
+    """
+    return min(math.ceil(Nk / Bc), DQ_PARTIALS)
+
+
+# ----------------------------------------------------------------------------------------
+# 1. The reference: the tiled algorithm in PyTorch, in the kernels' loop order
+# ----------------------------------------------------------------------------------------
+# Shapes: q (B, H, Nq, d), k and v (B, H, Nk, d). A "tile" is a slice of Br query rows or
+# Bc key rows; the last tile may be shorter. Each loop body below is what one thread block
+# of flash_attention.cu does, with the same names and the same algorithm line numbers.
+
+
+def _causal_mask(rows: range, cols: range, device) -> Tensor:
+    """True where key `col` is hidden from query `row` (col > row), shape (len(rows), len(cols))."""
+    r = torch.arange(rows.start, rows.stop, device=device)
+    c = torch.arange(cols.start, cols.stop, device=device)
+    return c[None, :] > r[:, None]
+
+
+def reference_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float):
+    """Algorithm 1 with the FlashAttention-2 loop order. Returns O (B, H, Nq, d) and L (B, H, Nq)."""
+    B, H, Nq, d = q.shape
+    Nk = k.shape[2]
+    O = q.new_empty(B, H, Nq, d)
+    L = q.new_empty(B, H, Nq)
+    Tr, Tc = math.ceil(Nq / Br), math.ceil(Nk / Bc)
+    for i in range(Tr):  # one thread block per query tile
+        rows = range(i * Br, min((i + 1) * Br, Nq))
+        Qi = q[:, :, rows.start : rows.stop]  # line 8: load Q_i
+        m_i = q.new_full((B, H, len(rows)), -math.inf)  # line 2: m = -inf
+        l_i = q.new_zeros(B, H, len(rows))  # line 2: l = 0
+        O_i = q.new_zeros(B, H, len(rows), d)
+        Tc_end = min(Tc, (rows.stop - 1) // Bc + 1) if causal else Tc
+        for j in range(Tc_end):  # line 6
+            cols = range(j * Bc, min((j + 1) * Bc, Nk))
+            Kj = k[:, :, cols.start : cols.stop]  # line 7: load K_j, V_j
+            Vj = v[:, :, cols.start : cols.stop]
+            S_ij = softmax_scale * (Qi @ Kj.transpose(-1, -2))  # line 9
+            if causal:
+                S_ij = S_ij.masked_fill(_causal_mask(rows, cols, q.device), -math.inf)
+            m_new = torch.maximum(m_i, S_ij.amax(-1))  # lines 10-11
+            P_ij = torch.exp(S_ij - m_new[..., None])
+            alpha = torch.exp(m_i - m_new)
+            l_i = alpha * l_i + P_ij.sum(-1)
+            O_i = alpha[..., None] * O_i + P_ij @ Vj  # line 12
+            m_i = m_new
+        O[:, :, rows.start : rows.stop] = O_i / l_i[..., None]  # line 12's 1/l, once
+        L[:, :, rows.start : rows.stop] = m_i + torch.log(l_i)  # line 13: logsumexp
+    return O, L
+
+
+def reference_backward(dO, q, k, v, O, L, causal: bool, softmax_scale: float):
+    """Algorithm 2 with the FlashAttention-2 loop order and the deterministic dQ combine.
+
+    Key tile j adds its dQ contributions to partial buffer p = j % P, in the order j = p,
+    p + P, ...; dQ is the sum of the P buffers in the order p = 0 .. P-1, exactly as the
+    deterministic CUDA backward does. Returns dQ, dK, dV.
+    """
+    B, H, Nq, d = q.shape
+    Nk = k.shape[2]
+    Tr, Tc = math.ceil(Nq / Br), math.ceil(Nk / Bc)
+    P = dq_partials(Nk)
+    D = (dO * O).sum(-1)  # preprocess: D_i = rowsum(dO_i * O_i)
+    dQ_partial = q.new_zeros(P, B, H, Nq, d)
+    dK = k.new_empty(B, H, Nk, d)
+    dV = v.new_empty(B, H, Nk, d)
+    for j in range(Tc):  # line 6: one thread block per key tile
+        cols = range(j * Bc, min((j + 1) * Bc, Nk))
+        Kj = k[:, :, cols.start : cols.stop]  # line 7
+        Vj = v[:, :, cols.start : cols.stop]
+        dK_j = k.new_zeros(B, H, len(cols), d)  # line 8
+        dV_j = v.new_zeros(B, H, len(cols), d)
+        i_start = (j * Bc) // Br if causal else 0
+        for i in range(i_start, Tr):  # line 9
+            rows = range(i * Br, min((i + 1) * Br, Nq))
+            Qi = q[:, :, rows.start : rows.stop]  # line 10
+            dOi = dO[:, :, rows.start : rows.stop]
+            Li = L[:, :, rows.start : rows.stop]
+            Di = D[:, :, rows.start : rows.stop]
+            S_ij = softmax_scale * (Qi @ Kj.transpose(-1, -2))  # line 11
+            P_ij = torch.exp(S_ij - Li[..., None])  # line 13: P recomputed from L
+            if causal:
+                P_ij = P_ij.masked_fill(_causal_mask(rows, cols, q.device), 0.0)
+            dV_j = dV_j + P_ij.transpose(-1, -2) @ dOi  # line 16
+            dP_ij = dOi @ Vj.transpose(-1, -2)  # line 17
+            dS_ij = P_ij * (dP_ij - Di[..., None])  # lines 19-20
+            dQ_partial[j % P, :, :, rows.start : rows.stop] += softmax_scale * (dS_ij @ Kj)  # line 21
+            dK_j = dK_j + dS_ij.transpose(-1, -2) @ Qi  # line 22
+        dK[:, :, cols.start : cols.stop] = softmax_scale * dK_j  # line 24
+        dV[:, :, cols.start : cols.stop] = dV_j
+    dQ = q.new_zeros(B, H, Nq, d)
+    for p in range(P):  # the fixed-order sum of the partial buffers
+        dQ = dQ + dQ_partial[p]
+    return dQ, dK, dV
+
+
+# ----------------------------------------------------------------------------------------
+# 2. The CUDA extension
+# ----------------------------------------------------------------------------------------
+
+CUDA_SOURCE = Path(__file__).with_name("flash_attention.cu")
+NVCC_FLAGS = ["-O3", "-DFLASH_ATTENTION_WITH_TORCH"]  # setup.py builds with the same flags
+CXX_FLAGS = ["-O3", "-DFLASH_ATTENTION_WITH_TORCH"]
+_extension_module = None
+
+
+def _extension():
+    """The compiled kernels: the installed module, or one compiled now with ninja (cached)."""
+    global _extension_module
+    if _extension_module is None:
+        try:
+            import flash_attention_cuda as module
+        except ImportError:
+            module = _compile_extension()
+        _extension_module = module
+    return _extension_module
+
+
+def _compile_extension():
+    from torch.utils import cpp_extension
+
+    missing = []
+    if torch.version.cuda is None:
+        missing.append(f"a CUDA build of PyTorch (this one, {torch.__version__}, is CPU-only)")
+    if cpp_extension.CUDA_HOME is None:
+        missing.append("the CUDA toolkit (nvcc not found on PATH and CUDA_HOME not set)")
+    if not cpp_extension.is_ninja_available():
+        missing.append("ninja (pip install ninja)")
+    if not CUDA_SOURCE.exists():
+        missing.append(f"the kernel source {CUDA_SOURCE}")
+    if missing:
+        raise RuntimeError(
+            "flash_attention: the CUDA extension is not installed and cannot be compiled; missing: "
+            + "; ".join(missing)
+            + ". Install with ./install.sh, or use CPU tensors (the PyTorch reference)."
+        )
+    return cpp_extension.load(
+        name="flash_attention_cuda",
+        sources=[str(CUDA_SOURCE)],
+        extra_cflags=CXX_FLAGS,
+        extra_cuda_cflags=NVCC_FLAGS,
+    )
+
+
+def _for_kernel(t: Tensor) -> Tensor:
+    """A contiguous, 16-byte aligned copy of t if t is not already one (the kernels read float4)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+# ----------------------------------------------------------------------------------------
+# 3. The torch.library ops
+# ----------------------------------------------------------------------------------------
+# forward returns O and the logsumexp L; backward returns dQ, dK, dV. The default
+# implementation (CPU) is the reference; CUDA tensors go to the extension.
+# `deterministic` is an input of the forward op only so that autograd can hand it on.
+
+
+@torch.library.custom_op("flash_attention::forward", mutates_args=())
+def _forward_op(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float, deterministic: bool, kernel: str
+) -> tuple[Tensor, Tensor]:
+    return reference_forward(q, k, v, causal, softmax_scale)
+
+
+@_forward_op.register_kernel("cuda")
+def _forward_cuda(q, k, v, causal, softmax_scale, deterministic, kernel):
+    O, L = _extension().forward(_for_kernel(q), _for_kernel(k), _for_kernel(v), causal, softmax_scale)
+    return O, L
+
+
+@_forward_op.register_fake
+def _forward_fake(q, k, v, causal, softmax_scale, deterministic, kernel):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1])
+
+
+@torch.library.custom_op("flash_attention::backward", mutates_args=())
+def _backward_op(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    L: Tensor,
+    causal: bool,
+    softmax_scale: float,
+    deterministic: bool,
+    kernel: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return reference_backward(dout, q, k, v, out, L, causal, softmax_scale)
+
+
+@_backward_op.register_kernel("cuda")
+def _backward_cuda(dout, q, k, v, out, L, causal, softmax_scale, deterministic, kernel):
+    args = [_for_kernel(t) for t in (dout, q, k, v, out, L)]
+    dq, dk, dv = _extension().backward(*args, causal, softmax_scale, deterministic)
+    return dq, dk, dv
+
+
+@_backward_op.register_fake
+def _backward_fake(dout, q, k, v, out, L, causal, softmax_scale, deterministic, kernel):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, softmax_scale, deterministic, kernel = inputs
+    out, L = output
+    ctx.save_for_backward(q, k, v, out, L)
+    ctx.mark_non_differentiable(L)
+    ctx.settings = (causal, softmax_scale, deterministic, kernel)
+
+
+def _autograd_backward(ctx, dout, dL):
+    q, k, v, out, L = ctx.saved_tensors
+    dq, dk, dv = torch.ops.flash_attention.backward(dout, q, k, v, out, L, *ctx.settings)
+    return dq, dk, dv, None, None, None, None
+
+
+torch.library.register_autograd("flash_attention::forward", _autograd_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------
+# 4. The public API
+# ----------------------------------------------------------------------------------------
+
+
+def _check_inputs(q, k, v, causal, softmax_scale, deterministic, kernel) -> None:
+    """Raise a TypeError or ValueError naming the argument, what was given and what is accepted."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"flash_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != torch.float32:
+            raise TypeError(
+                f"flash_attention: {name} has dtype {t.dtype}; only torch.float32 is accepted "
+                f"(convert with {name}.float(): nothing is converted silently)"
+            )
+        if t.dim() not in (3, 4):
+            raise ValueError(
+                f"flash_attention: {name} has shape {tuple(t.shape)} ({t.dim()}-D); accepted: "
+                f"4-D (B, H, N, {HEAD_DIM}) or 3-D (B, N, {HEAD_DIM}) for one head"
+            )
+        if t.shape[-1] != HEAD_DIM:
+            raise ValueError(
+                f"flash_attention: {name} has head_dim {t.shape[-1]} (shape {tuple(t.shape)}); "
+                f"only head_dim {HEAD_DIM} is accepted"
+            )
+        if t.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"flash_attention: {name} is on {t.device}; accepted: cpu or cuda tensors")
+    if not q.dim() == k.dim() == v.dim():
+        raise ValueError(
+            f"flash_attention: q, k, v must have the same rank; got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if k.shape != v.shape:
+        raise ValueError(f"flash_attention: k and v must have one shape; got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[:-2] != k.shape[:-2]:
+        raise ValueError(
+            f"flash_attention: q and k must agree on the batch and head sizes {'(B, H)' if q.dim() == 4 else '(B)'}; "
+            f"got q {tuple(q.shape)}, k {tuple(k.shape)}"
+        )
+    if not q.device == k.device == v.device:
+        raise ValueError(
+            f"flash_attention: q, k, v must be on one device; got q on {q.device}, k on {k.device}, v on {v.device}"
+        )
+    if k.shape[-2] == 0 and q.shape[-2] > 0 and q.numel() > 0:
+        raise ValueError(
+            f"flash_attention: k and v have no keys (Nk = 0, shape {tuple(k.shape)}) but q has "
+            f"Nq = {q.shape[-2]} queries: a softmax over no keys is undefined; accepted: Nk >= 1"
+        )
+    if not isinstance(causal, bool):
+        raise TypeError(f"flash_attention: causal must be True or False, got {causal!r}")
+    if softmax_scale is not None and (
+        isinstance(softmax_scale, bool)
+        or not isinstance(softmax_scale, numbers.Real)
+        or not math.isfinite(softmax_scale)
+    ):
+        raise ValueError(f"flash_attention: softmax_scale must be None or a finite number, got {softmax_scale!r}")
+    if deterministic is not None and not isinstance(deterministic, bool):
+        raise TypeError(f"flash_attention: deterministic must be None, True or False, got {deterministic!r}")
+    if kernel is not None and kernel not in KERNELS:
+        raise ValueError(f"flash_attention: kernel must be None or one of {KERNELS}, got {kernel!r}")
+
+
+def flash_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    deterministic: bool | None = None,
+    kernel: str | None = None,
+) -> Tensor:
+    """softmax(softmax_scale * q k^T) v, computed tile by tile without the (Nq, Nk) matrix.
+
+    Args:
+        q: (B, H, Nq, 64) or (B, Nq, 64), float32.
+        k, v: (B, H, Nk, 64) or (B, Nk, 64), float32, on q's device.
+        causal: hide key j from query i when j > i (top-left aligned, as
+            scaled_dot_product_attention(is_causal=True)).
+        softmax_scale: defaults to 1 / sqrt(64).
+        deterministic: None follows torch.are_deterministic_algorithms_enabled(); True makes
+            the backward bit-reproducible and batch-invariant (dQ from partial buffers summed
+            in a fixed order); False lets dQ use atomicAdd.
+        kernel: None (the default kernels) or "tutorial" (the 16x16 teaching kernels).
+
+    Returns:
+        The attention output, with q's shape.
+    """
+    _check_inputs(q, k, v, causal, softmax_scale, deterministic, kernel)
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(HEAD_DIM)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    if kernel is None:
+        kernel = KERNELS[0]
+    one_head = q.dim() == 3
+    if one_head:
+        q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
+    out, _ = torch.ops.flash_attention.forward(q, k, v, causal, float(softmax_scale), deterministic, kernel)
+    return out.squeeze(1) if one_head else out
+
+
+class FlashAttention(nn.Module):
+    """flash_attention() as a module. It has no parameters: the projections that make q, k
+    and v belong to the model around it.
+
+    Args:
+        head_dim: must be 64.
+        causal, softmax_scale, deterministic, kernel: as in flash_attention().
+    """
+
+    def __init__(
+        self,
+        head_dim: int = HEAD_DIM,
+        causal: bool = False,
+        softmax_scale: float | None = None,
+        deterministic: bool | None = None,
+        kernel: str | None = None,
+    ):
+        super().__init__()
+        if head_dim != HEAD_DIM:
+            raise ValueError(f"FlashAttention: head_dim must be {HEAD_DIM}, got {head_dim!r}")
+        probe = torch.empty(1, 1, HEAD_DIM)
+        _check_inputs(probe, probe, probe, causal, softmax_scale, deterministic, kernel)
+        self.head_dim = head_dim
+        self.causal = causal
+        self.softmax_scale = softmax_scale
+        self.deterministic = deterministic
+        self.kernel = kernel
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return flash_attention(q, k, v, self.causal, self.softmax_scale, self.deterministic, self.kernel)
+
+    def extra_repr(self) -> str:
+        return (
+            f"head_dim={self.head_dim}, causal={self.causal}, softmax_scale={self.softmax_scale}, "
+            f"deterministic={self.deterministic}, kernel={self.kernel}"
+        )

@@ -1,0 +1,41 @@
+"""Shared helpers: float64 attention (the ground truth), random inputs, the GPU skip mark."""
+
+import math
+
+import pytest
+import torch
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none found)")
+
+
+def random_qkv(B, H, Nq, Nk, device="cpu", seed=0, requires_grad=False):
+    """q (B, H, Nq, 64), k and v (B, H, Nk, 64), float32, standard normal."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(B, H, Nq, 64, device=device, generator=g)
+    k = torch.randn(B, H, Nk, 64, device=device, generator=g)
+    v = torch.randn(B, H, Nk, 64, device=device, generator=g)
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def attention_float64(q, k, v, causal=False, softmax_scale=None):
+    """softmax(scale * q k^T) v in float64, the plain way (materializes the score matrix)."""
+    q, k, v = (t.double() for t in (q, k, v))
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+    S = scale * q @ k.transpose(-1, -2)
+    if causal:
+        Nq, Nk = S.shape[-2:]
+        hidden = torch.ones(Nq, Nk, dtype=torch.bool, device=S.device).triu(1)
+        S = S.masked_fill(hidden, -math.inf)
+    return torch.softmax(S, dim=-1) @ v
+
+
+def float64_grads(q, k, v, dout, causal=False, softmax_scale=None):
+    """Output and (dq, dk, dv) of attention_float64 for the output gradient dout."""
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out = attention_float64(q64, k64, v64, causal, softmax_scale)
+    out.backward(dout.double())
+    return out, q64.grad, k64.grad, v64.grad
+
+
+def max_err(x, ref):
+    return (x.double() - ref.double()).abs().max().item()

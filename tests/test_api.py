@@ -1,0 +1,158 @@
+"""The public API on CPU: shapes, dtypes, settings, every bad input, torch.compile and opcheck."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import attention_float64, max_err, random_qkv
+from flash_attention import FlashAttention, flash_attention
+
+
+def test_three_dim_input_is_one_head():
+    q, k, v = random_qkv(3, 1, 20, 31, seed=1)
+    out3 = flash_attention(q[:, 0], k[:, 0], v[:, 0], causal=True)
+    out4 = flash_attention(q, k, v, causal=True)
+    assert out3.shape == (3, 20, 64)
+    assert torch.equal(out3, out4[:, 0])
+
+
+def test_output_has_q_shape_and_dtype():
+    q, k, v = random_qkv(2, 5, 9, 40)
+    out = flash_attention(q, k, v)
+    assert out.shape == q.shape and out.dtype == torch.float32 and out.is_contiguous()
+
+
+def test_default_scale_is_one_over_sqrt_head_dim():
+    q, k, v = random_qkv(1, 2, 17, 17, seed=2)
+    assert torch.equal(flash_attention(q, k, v), flash_attention(q, k, v, softmax_scale=1 / math.sqrt(64)))
+
+
+def test_non_contiguous_inputs_and_expanded_grad():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 37, 3, 3 * 64, generator=g)  # (B, N, H, 3 * d), as a fused projection gives
+    q, k, v = (t.transpose(1, 2).requires_grad_() for t in x.split(64, dim=-1))
+    assert not q.is_contiguous()
+    out = flash_attention(q, k, v, causal=True)
+    out.sum().backward()  # hands the backward an expanded, stride-0 gradient
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = attention_float64(q64, k64, v64, causal=True)
+    ref.sum().backward()
+    assert max_err(out, ref) <= 1e-5
+    assert max(max_err(q.grad, q64.grad), max_err(k.grad, k64.grad), max_err(v.grad, v64.grad)) <= 5e-5
+
+
+@pytest.mark.parametrize("shape_q,shape_kv", [((0, 2, 5, 64), (0, 2, 7, 64)), ((2, 0, 5, 64), (2, 0, 7, 64)),
+                                              ((2, 2, 0, 64), (2, 2, 7, 64)), ((2, 2, 0, 64), (2, 2, 0, 64)),
+                                              ((0, 4, 64), (0, 3, 64))])
+def test_empty_inputs_give_empty_results(shape_q, shape_kv):
+    q = torch.randn(shape_q, requires_grad=True)
+    k = torch.randn(shape_kv, requires_grad=True)
+    v = torch.randn(shape_kv, requires_grad=True)
+    out = flash_attention(q, k, v)
+    assert out.shape == q.shape
+    out.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape
+    assert torch.count_nonzero(k.grad) == 0 and torch.count_nonzero(v.grad) == 0
+
+
+def test_module_has_no_parameters_and_matches_function():
+    attn = FlashAttention(head_dim=64, causal=True, softmax_scale=0.2, deterministic=True)
+    assert list(attn.parameters()) == []
+    q, k, v = random_qkv(2, 2, 18, 18, seed=4)
+    assert torch.equal(attn(q, k, v), flash_attention(q, k, v, causal=True, softmax_scale=0.2))
+    assert "causal=True" in repr(attn)
+
+
+# ---------------------------------------------------------------------------- bad input
+
+def _qkv(shape_q=(2, 2, 8, 64), shape_kv=(2, 2, 8, 64), dtype=torch.float32):
+    return torch.randn(shape_q).to(dtype), torch.randn(shape_kv).to(dtype), torch.randn(shape_kv).to(dtype)
+
+
+BAD_INPUTS = [
+    # (what, call, exception, words the message must hold)
+    ("float64", lambda: flash_attention(*_qkv(dtype=torch.float64)), TypeError, ["q", "torch.float64", "float32"]),
+    ("float16 v", lambda: flash_attention(*_qkv()[:2], torch.randn(2, 2, 8, 64).half()), TypeError,
+     ["v", "torch.float16", "float32"]),
+    ("head_dim 32", lambda: flash_attention(*_qkv((2, 2, 8, 32), (2, 2, 8, 32))), ValueError, ["head_dim 32", "64"]),
+    ("2-D", lambda: flash_attention(*_qkv((8, 64), (8, 64))), ValueError, ["q", "(8, 64)", "2-D", "4-D"]),
+    ("5-D", lambda: flash_attention(*_qkv((1, 2, 2, 8, 64), (1, 2, 2, 8, 64))), ValueError, ["5-D", "3-D"]),
+    ("ranks differ", lambda: flash_attention(torch.randn(2, 8, 64), *_qkv()[1:]), ValueError, ["same rank"]),
+    ("k, v shapes", lambda: flash_attention(*_qkv()[:2], torch.randn(2, 2, 9, 64)), ValueError,
+     ["k (2, 2, 8, 64)", "v (2, 2, 9, 64)"]),
+    ("batch mismatch", lambda: flash_attention(*_qkv((3, 2, 8, 64))), ValueError, ["batch", "q (3, 2, 8, 64)"]),
+    ("heads mismatch", lambda: flash_attention(*_qkv((2, 4, 8, 64))), ValueError, ["head", "k (2, 2, 8, 64)"]),
+    ("Nk = 0", lambda: flash_attention(*_qkv(shape_kv=(2, 2, 0, 64))), ValueError, ["Nk = 0", "Nk >= 1"]),
+    ("not a tensor", lambda: flash_attention([[1.0]], *_qkv()[1:]), TypeError, ["q", "list"]),
+    ("device mix", lambda: flash_attention(torch.randn(2, 2, 8, 64), *_qkv(dtype=torch.float32)[1:2],
+                                           torch.randn(2, 2, 8, 64, device="meta")), ValueError, ["v", "meta"]),
+    ("causal", lambda: flash_attention(*_qkv(), causal="yes"), TypeError, ["causal", "'yes'"]),
+    ("scale NaN", lambda: flash_attention(*_qkv(), softmax_scale=float("nan")), ValueError, ["softmax_scale", "nan"]),
+    ("scale str", lambda: flash_attention(*_qkv(), softmax_scale="0.1"), ValueError, ["softmax_scale", "'0.1'"]),
+    ("deterministic", lambda: flash_attention(*_qkv(), deterministic=1), TypeError, ["deterministic", "1"]),
+    ("kernel", lambda: flash_attention(*_qkv(), kernel="turbo"), ValueError, ["kernel", "'turbo'", "tutorial"]),
+    ("module head_dim", lambda: FlashAttention(head_dim=128), ValueError, ["head_dim", "64", "128"]),
+    ("module causal", lambda: FlashAttention(causal=None), TypeError, ["causal", "None"]),
+]
+
+
+@pytest.mark.parametrize("what,call,exc,words", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_raises_a_clear_error(what, call, exc, words):
+    with pytest.raises(exc) as info:
+        call()
+    for word in words:
+        assert word in str(info.value), f"{word!r} not in {info.value}"
+
+
+# ---------------------------------------------------------------------------- deterministic setting
+
+def test_deterministic_none_follows_torch_setting(monkeypatch):
+    seen = []
+    real = torch.ops.flash_attention.forward
+
+    class Spy:
+        def __call__(self, *args):
+            seen.append(args[5])
+            return real(*args)
+
+    import flash_attention as fa
+    monkeypatch.setattr(fa.torch.ops.flash_attention, "forward", Spy())
+    q, k, v = random_qkv(1, 1, 4, 4)
+    flash_attention(q, k, v)
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        flash_attention(q, k, v)
+        flash_attention(q, k, v, deterministic=False)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    flash_attention(q, k, v, deterministic=True)
+    assert seen == [False, True, False, True]
+
+
+# ---------------------------------------------------------------------------- torch.compile and opcheck
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_torch_compile_fullgraph(causal):
+    torch._dynamo.reset()
+    q, k, v = random_qkv(2, 2, 21, 35, seed=9, requires_grad=True)
+
+    def step(q, k, v):
+        return flash_attention(q, k, v, causal=causal).square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss = compiled(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    loss_ref = step(q, k, v)
+    grads_ref = torch.autograd.grad(loss_ref, (q, k, v))
+    assert torch.equal(loss, loss_ref)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_ref))
+
+
+def test_opcheck():
+    q, k, v = random_qkv(2, 2, 19, 33, seed=10, requires_grad=True)
+    torch.library.opcheck(torch.ops.flash_attention.forward.default, (q, k, v, True, 0.125, True, "tutorial"))
+    out, L = torch.ops.flash_attention.forward(q, k, v, True, 0.125, True, "tutorial")
+    args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), L, True, 0.125, True, "tutorial")
+    torch.library.opcheck(torch.ops.flash_attention.backward.default, args)

@@ -1,0 +1,207 @@
+"""The CUDA kernels against float64 attention, the determinism contract, and PyTorch integration.
+
+Every test here needs a CUDA GPU and is skipped, with that reason, where there is none.
+"""
+
+import pytest
+import torch
+
+import flash_attention as fa
+from conftest import float64_grads, max_err, random_qkv, requires_cuda
+from flash_attention import FlashAttention, flash_attention
+
+pytestmark = requires_cuda
+
+SHAPES = [(n, n) for n in (1, 15, 16, 17, 100, 257, 1024, 2048)] + [(17, 1), (1, 40), (100, 37), (37, 300),
+                                                                    (1000, 2048), (2048, 999)]
+
+
+def run(q, k, v, dout, **kwargs):
+    """Output and (dq, dk, dv) of flash_attention for the output gradient dout."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = flash_attention(q, k, v, **kwargs)
+    out.backward(dout)
+    return out, q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("Nq,Nk", SHAPES)
+def test_matches_float64(Nq, Nk, causal, deterministic):
+    q, k, v = random_qkv(2, 3, Nq, Nk, device="cuda", seed=Nq * 7919 + Nk)
+    dout = torch.randn(2, 3, Nq, 64, device="cuda")
+    out, dq, dk, dv = run(q, k, v, dout, causal=causal, deterministic=deterministic)
+    ref, dq64, dk64, dv64 = float64_grads(q, k, v, dout, causal)
+    assert max_err(out, ref) <= 1e-5
+    assert max_err(dq, dq64) <= 5e-5
+    assert max_err(dk, dk64) <= 5e-5
+    assert max_err(dv, dv64) <= 5e-5
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_sum_loss_non_contiguous_inputs(deterministic):
+    x = torch.randn(2, 300, 4, 3 * 64, device="cuda")  # (B, N, H, 3 * d) from a fused projection
+    q, k, v = (t.transpose(1, 2) for t in x.split(64, dim=-1))
+    assert not q.is_contiguous()
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = flash_attention(q, k, v, causal=True, deterministic=deterministic)
+    out.sum().backward()  # an expanded, stride-0 output gradient
+    ref, dq, dk, dv = float64_grads(q, k, v, torch.ones_like(out), causal=True)
+    assert max_err(out, ref) <= 1e-5
+    assert max(max_err(q.grad, dq), max_err(k.grad, dk), max_err(v.grad, dv)) <= 5e-5
+
+
+def test_softmax_scale_and_three_dim_input():
+    q, k, v = random_qkv(3, 1, 70, 90, device="cuda", seed=5)
+    dout = torch.randn(3, 70, 64, device="cuda")
+    out, dq, dk, dv = run(q[:, 0], k[:, 0], v[:, 0], dout, causal=True, softmax_scale=0.3)
+    ref, dq64, dk64, dv64 = float64_grads(q[:, 0], k[:, 0], v[:, 0], dout, causal=True, softmax_scale=0.3)
+    assert out.shape == (3, 70, 64)
+    assert max_err(out, ref) <= 1e-5
+    assert max(max_err(dq, dq64), max_err(dk, dk64), max_err(dv, dv64)) <= 5e-5
+
+
+def test_misaligned_storage():
+    base = torch.randn(1 + 2 * 2 * 33 * 64, device="cuda")
+    q = base[1:].view(2, 2, 33, 64)  # contiguous, but 4 bytes past a 16-byte boundary
+    k, v = random_qkv(2, 2, 33, 40, device="cuda", seed=6)[1:]
+    assert q.data_ptr() % 16 != 0
+    ref, *_ = float64_grads(q, k, v, torch.zeros_like(q))
+    assert max_err(flash_attention(q, k, v), ref) <= 1e-5
+
+
+def test_empty_inputs():
+    q = torch.randn(2, 2, 0, 64, device="cuda", requires_grad=True)
+    k = torch.randn(2, 2, 5, 64, device="cuda", requires_grad=True)
+    v = torch.randn(2, 2, 5, 64, device="cuda", requires_grad=True)
+    out = flash_attention(q, k, v)
+    out.sum().backward()
+    assert out.shape == q.shape and torch.count_nonzero(k.grad) == 0 and torch.count_nonzero(v.grad) == 0
+    assert flash_attention(*random_qkv(0, 2, 5, 5, device="cuda")).shape == (0, 2, 5, 64)
+
+
+def test_keys_no_query_sees_get_zero_gradients():
+    q, k, v = random_qkv(1, 2, 20, 70, device="cuda", seed=7)  # causal: keys 20.. are hidden from every query
+    _, _, dk, dv = run(q, k, v, torch.randn(1, 2, 20, 64, device="cuda"), causal=True)
+    assert torch.count_nonzero(dk[:, :, 20:]) == 0 and torch.count_nonzero(dv[:, :, 20:]) == 0
+
+
+# ---------------------------------------------------------------------------- determinism contract
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_deterministic_repeats_are_bit_identical(causal):
+    q, k, v = random_qkv(2, 4, 1000, 1500, device="cuda", seed=8)
+    dout = torch.randn(2, 4, 1000, 64, device="cuda")
+    first = run(q, k, v, dout, causal=causal, deterministic=True)
+    for _ in range(20):
+        again = run(q, k, v, dout, causal=causal, deterministic=True)
+        for name, a, b in zip(("O", "dQ", "dK", "dV"), first, again):
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_deterministic_batch_and_head_invariant(causal):
+    q, k, v = random_qkv(4, 3, 777, 1111, device="cuda", seed=9)
+    dout = torch.randn(4, 3, 777, 64, device="cuda")
+    batched = run(q, k, v, dout, causal=causal, deterministic=True)
+    for b in range(4):
+        alone = run(q[b : b + 1], k[b : b + 1], v[b : b + 1], dout[b : b + 1], causal=causal, deterministic=True)
+        for name, x, y in zip(("O", "dQ", "dK", "dV"), batched, alone):
+            assert torch.equal(x[b : b + 1], y), f"{name} of sample {b}"
+    one_head = run(q[:, 1:2], k[:, 1:2], v[:, 1:2], dout[:, 1:2], causal=causal, deterministic=True)
+    for name, x, y in zip(("O", "dQ", "dK", "dV"), batched, one_head):
+        assert torch.equal(x[:, 1:2], y), f"{name} of head 1"
+
+
+def test_use_deterministic_algorithms_selects_deterministic_mode():
+    q, k, v = random_qkv(2, 4, 2000, 2000, device="cuda", seed=10)
+    dout = torch.randn(2, 4, 2000, 64, device="cuda")
+    explicit = run(q, k, v, dout, deterministic=True)
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        for _ in range(5):
+            followed = run(q, k, v, dout)
+            assert all(torch.equal(a, b) for a, b in zip(explicit, followed))
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
+def test_forward_is_batch_invariant_in_default_mode():
+    q, k, v = random_qkv(4, 2, 500, 600, device="cuda", seed=11)
+    out = flash_attention(q, k, v, causal=True)
+    for b in range(4):
+        assert torch.equal(out[b : b + 1], flash_attention(q[b : b + 1], k[b : b + 1], v[b : b + 1], causal=True))
+
+
+# ---------------------------------------------------------------------------- PyTorch integration
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_torch_compile_fullgraph(causal):
+    torch._dynamo.reset()
+    q, k, v = random_qkv(2, 2, 300, 200, device="cuda", seed=12, requires_grad=True)
+    w = torch.randn(64, 64, device="cuda")
+
+    def step(q, k, v):
+        return (flash_attention(q @ w, k, v, causal=causal, deterministic=True) * 2).square().sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    loss = compiled(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    loss_ref = step(q, k, v)
+    grads_ref = torch.autograd.grad(loss_ref, (q, k, v))
+    assert torch.allclose(loss, loss_ref, rtol=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(grads, grads_ref))
+
+
+def test_opcheck():
+    q, k, v = random_qkv(2, 2, 45, 70, device="cuda", seed=13, requires_grad=True)
+    for deterministic in (False, True):
+        torch.library.opcheck(torch.ops.flash_attention.forward.default, (q, k, v, True, 0.125, deterministic, "tutorial"))
+    out, L = torch.ops.flash_attention.forward(q, k, v, True, 0.125, True, "tutorial")
+    args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), L, True, 0.125, True, "tutorial")
+    torch.library.opcheck(torch.ops.flash_attention.backward.default, args)
+
+
+def test_module_trains_on_cuda():
+    attn = FlashAttention(causal=True)
+    q, k, v = random_qkv(2, 2, 64, 64, device="cuda", seed=14, requires_grad=True)
+    attn(q, k, v).square().mean().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+# ---------------------------------------------------------------------------- memory
+
+def _peak_mib(N, deterministic, H=2):
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    q, k, v = random_qkv(1, H, N, N, device="cuda", seed=15, requires_grad=True)
+    dout = torch.randn(1, H, N, 64, device="cuda")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    flash_attention(q, k, v, causal=True, deterministic=deterministic).backward(dout)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_memory_grows_linearly_up_to_16384(deterministic):
+    tensor_mib = 2 * 16384 * 64 * 4 / 2**20  # one (1, 2, 16384, 64) float32 tensor: 8 MiB
+    small, large = _peak_mib(4096, deterministic), _peak_mib(16384, deterministic)
+    # out, dq, dk, dv and the small L, D; plus P = 16 dQ partial buffers when deterministic.
+    # The score matrix alone would be 2 * 16384^2 * 4 bytes = 2048 MiB.
+    assert large <= (6 + (fa.DQ_PARTIALS if deterministic else 0)) * tensor_mib
+    assert large / small <= 4.5  # 4x the length, 4x the memory: linear, not quadratic (16x)
+
+
+# ---------------------------------------------------------------------------- bad input on CUDA
+
+def test_cpu_cuda_mix_raises_and_the_context_keeps_working():
+    q, k, v = random_qkv(1, 2, 8, 8, device="cuda")
+    with pytest.raises(ValueError, match="one device"):
+        flash_attention(q, k.cpu(), v)
+    with pytest.raises(TypeError, match="float32"):
+        flash_attention(q.double(), k, v)
+    ref, *_ = float64_grads(q, k, v, torch.zeros_like(q))
+    assert max_err(flash_attention(q, k, v), ref) <= 1e-5
