@@ -1,0 +1,32 @@
+"""Every Python block of README.md (and USAGE.md, once it exists) runs; CUDA blocks run where there is a GPU."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = [p for p in (ROOT / "README.md", ROOT / "USAGE.md") if p.exists()]
+
+
+def python_blocks():
+    for doc in DOCS:
+        for n, block in enumerate(re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)):
+            yield pytest.param(block, id=f"{doc.name}-{n}")
+
+
+@pytest.mark.parametrize("code", list(python_blocks()))
+def test_python_block_runs(code):
+    if "device=\"cuda\"" in code.replace("'", '"') and not torch.cuda.is_available():
+        pytest.skip("this block needs a CUDA GPU (none found)")
+    exec(compile(code, "<doc>", "exec"), {"__name__": "__doc_block__"})
+
+
+def test_bash_blocks_name_only_existing_scripts():
+    for doc in DOCS:
+        for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), flags=re.S):
+            for line in block.strip().splitlines():
+                script = line.split()[0]
+                if script.startswith("./"):
+                    assert (ROOT / script[2:]).exists(), f"{doc.name}: {script} does not exist"
