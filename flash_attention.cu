@@ -310,13 +310,15 @@ flash_backward_kernel(const float* __restrict__ Q,   // (B, H, Nq, d)
             }
             __syncthreads();                          // Q_i, dO_i, L_i, D_i (and K_j, V_j) loaded
 
+            // A hidden score gets P = dS = 0 outright: S does not depend on it, and 0 * NaN
+            // would carry a NaN of a hidden key into the gradients of the queries it is hidden from.
             const int row = i * Br + r;
+            const bool hidden = row >= Nq || masked(row, col, Nk, causal);
             const float s = softmax_scale * dot_row(Qi[r], Kj[c]);                  // line 11
-            const float p = (row >= Nq || masked(row, col, Nk, causal)) ? 0.f
-                                                                        : expf(s - Li[r]);  // line 13
+            const float p = hidden ? 0.f : expf(s - Li[r]);                         // line 13
             const float dp = dot_row(dOi[r], Vj[c]);                                // line 17
             Pij[r][c] = p;
-            dSij[r][c] = p * (dp - Di[r]);                                          // lines 19-20
+            dSij[r][c] = hidden ? 0.f : p * (dp - Di[r]);                           // lines 19-20
             __syncthreads();                          // P_ij and dS_ij are complete
 
             // line 16: dV_j[r] += sum_k P_ij[k][r] * dO_i[k]

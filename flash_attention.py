@@ -120,13 +120,13 @@ def reference_backward(dO, q, k, v, O, L, causal: bool, softmax_scale: float):
             dOi = dO[:, :, rows.start : rows.stop]
             Li = L[:, :, rows.start : rows.stop]
             Di = D[:, :, rows.start : rows.stop]
+            hidden = _causal_mask(rows, cols, q.device) if causal else q.new_zeros((), dtype=torch.bool)
             S_ij = softmax_scale * (Qi @ Kj.transpose(-1, -2))  # line 11
-            P_ij = torch.exp(S_ij - Li[..., None])  # line 13: P recomputed from L
-            if causal:
-                P_ij = P_ij.masked_fill(_causal_mask(rows, cols, q.device), 0.0)
+            P_ij = torch.exp(S_ij - Li[..., None]).masked_fill(hidden, 0.0)  # line 13: P from L
             dV_j = dV_j + P_ij.transpose(-1, -2) @ dOi  # line 16
             dP_ij = dOi @ Vj.transpose(-1, -2)  # line 17
-            dS_ij = P_ij * (dP_ij - Di[..., None])  # lines 19-20
+            # lines 19-20; a hidden score gets dS = 0 outright (0 * NaN would leak a hidden NaN)
+            dS_ij = (P_ij * (dP_ij - Di[..., None])).masked_fill(hidden, 0.0)
             dQ_partial[j % P, :, :, rows.start : rows.stop] += softmax_scale * (dS_ij @ Kj)  # line 21
             dK_j = dK_j + dS_ij.transpose(-1, -2) @ Qi  # line 22
         dK[:, :, cols.start : cols.stop] = softmax_scale * dK_j  # line 24

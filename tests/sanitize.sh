@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs the kernels under compute-sanitizer's four tools (memcheck, racecheck, synccheck,
+# initcheck) on tests/sanitize_workload.py. Needs a GPU and compute-sanitizer.
+#   tests/sanitize.sh
+# Exits non-zero if any tool reports an error. PyTorch's caching allocator is turned off so
+# that memcheck sees every out-of-bounds access, not only those past a cached block.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+export PYTORCH_NO_CUDA_MEMORY_CACHING=1
+status=0
+for tool in memcheck racecheck synccheck initcheck; do
+    echo "=== compute-sanitizer --tool $tool"
+    if ! compute-sanitizer --tool "$tool" --error-exitcode 1 --kernel-name kns=flash \
+            "$PYTHON" tests/sanitize_workload.py 2>&1 | tail -n 3; then
+        echo "=== $tool: FAILED"
+        status=1
+    fi
+done
+[ "$status" -eq 0 ] && echo "=== sanitize.sh: all four tools report no errors"
+exit "$status"

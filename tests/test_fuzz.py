@@ -1,0 +1,66 @@
+"""Property-based tests: random shapes, lengths, causal flags and scales against float64.
+
+On CPU (the reference) in CI; on CUDA (the kernels) where there is a GPU. More examples:
+FLASH_ATTENTION_FUZZ_EXAMPLES=500 ./test_installation.sh -k fuzz
+"""
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import float64_grads, max_err, requires_cuda
+from flash_attention import flash_attention
+
+EXAMPLES = int(os.environ.get("FLASH_ATTENTION_FUZZ_EXAMPLES", "40"))
+
+cases = st.fixed_dictionaries(
+    {
+        "B": st.integers(1, 3),
+        "H": st.integers(1, 3),
+        "Nq": st.integers(1, 90),
+        "Nk": st.integers(1, 90),
+        "causal": st.booleans(),
+        "softmax_scale": st.one_of(st.none(), st.floats(0.01, 2.0)),
+        "deterministic": st.booleans(),
+        "three_dim": st.booleans(),
+        "seed": st.integers(0, 2**31 - 1),
+    }
+)
+
+
+def check(case, device, long_lengths=False):
+    g = torch.Generator().manual_seed(case["seed"])
+    B, H, Nq, Nk = case["B"], case["H"], case["Nq"], case["Nk"]
+    if long_lengths:
+        Nq, Nk = Nq * 23, Nk * 23
+    shape_q, shape_kv = ((B, Nq, 64), (B, Nk, 64)) if case["three_dim"] else ((B, H, Nq, 64), (B, H, Nk, 64))
+    q, k, v = (torch.randn(s, generator=g).to(device).requires_grad_() for s in (shape_q, shape_kv, shape_kv))
+    dout = torch.randn(shape_q, generator=g).to(device)
+    out = flash_attention(q, k, v, causal=case["causal"], softmax_scale=case["softmax_scale"],
+                          deterministic=case["deterministic"])
+    out.backward(dout)
+    ref, dq, dk, dv = float64_grads(q, k, v, dout, case["causal"], case["softmax_scale"])
+    # FP32 rounds each score s = scale * q.k by about |s| * 2^-24 * sqrt(64), so the error of
+    # every result grows with the largest |s|. Below |s| = 10 (the default scale's range)
+    # the bounds are the usual 1e-5 and 5e-5; softmax_scale = 2 reaches |s| ~ 60.
+    scale = case["softmax_scale"] or 0.125
+    s_max = scale * (q.detach().double() @ k.detach().double().transpose(-1, -2)).abs().max().item()
+    factor = max(1.0, s_max / 10)
+    assert max_err(out, ref) <= 1e-5 * factor
+    assert max(max_err(q.grad, dq), max_err(k.grad, dk), max_err(v.grad, dv)) <= 5e-5 * factor
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases)
+def test_fuzz_reference_cpu(case):
+    check(case, "cpu")
+
+
+@requires_cuda
+@settings(max_examples=4 * EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases, long_lengths=st.booleans())
+def test_fuzz_kernels_cuda(case, long_lengths):
+    check(case, "cuda", long_lengths)
