@@ -11,7 +11,7 @@ export PYTORCH_NO_CUDA_MEMORY_CACHING=1
 status=0
 for tool in memcheck racecheck synccheck initcheck; do
     echo "=== compute-sanitizer --tool $tool"
-    if ! compute-sanitizer --tool "$tool" --error-exitcode 1 --kernel-name kns=flash \
+    if ! time compute-sanitizer --tool "$tool" --error-exitcode 1 --kernel-name kns=flash \
             "$PYTHON" tests/sanitize_workload.py 2>&1 | tail -n 3; then
         echo "=== $tool: FAILED"
         status=1
