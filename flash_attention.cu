@@ -122,9 +122,16 @@ __device__ __forceinline__ void fma4(float4& acc, float a, const float4& x) {
 
 // Key `col` is hidden from query `row` past the end of the keys, and above the diagonal
 // when causal (top-left aligned, as scaled_dot_product_attention(is_causal=True)).
-__device__ __forceinline__ bool masked(int row, int col, int Nk, bool causal) {
-    return col >= Nk || (causal && col > row);
+__device__ __forceinline__ bool above_diagonal(int row, int col, bool causal) {
+    return causal && col > row;
 }
+__device__ __forceinline__ bool masked(int row, int col, int Nk, bool causal) {
+    return col >= Nk || above_diagonal(row, col, causal);
+}
+// The products of a pair above the diagonal are skipped, not multiplied by its zero
+// probability: 0 * NaN is NaN, and a NaN in a hidden key (or query) must not reach the
+// queries (or keys) it is hidden from. Rows past Nq or Nk need no such care: their tiles
+// are filled with zeros.
 
 // -----------------------------------------------------------------------------
 // Forward: Algorithm 1 (FlashAttention-2 loop order)
@@ -194,7 +201,8 @@ flash_forward_kernel(const float* __restrict__ Q,  // (B, H, Nq, d)
 #pragma unroll
         for (int k = 0; k < Bc; ++k) {
             const float p_k = __shfl_sync(0xffffffffu, p, k, LANES_PER_ROW);  // P~_ij[r][k]
-            fma4(acc, p_k, *reinterpret_cast<const float4*>(&Vj[k][4 * c]));
+            if (!above_diagonal(row, j * Bc + k, causal))
+                fma4(acc, p_k, *reinterpret_cast<const float4*>(&Vj[k][4 * c]));
         }
         m_i = m_new;
         __syncthreads();                    // every thread is done with K_j, V_j before the next load
@@ -325,15 +333,18 @@ flash_backward_kernel(const float* __restrict__ Q,   // (B, H, Nq, d)
             // line 22: dK_j[r] += sum_k dS_ij[k][r] * Q_i[k]
 #pragma unroll
             for (int k = 0; k < Br; ++k) {
-                fma4(dV_acc, Pij[k][r], *reinterpret_cast<const float4*>(&dOi[k][4 * c]));
-                fma4(dK_acc, dSij[k][r], *reinterpret_cast<const float4*>(&Qi[k][4 * c]));
+                if (!above_diagonal(i * Br + k, j * Bc + r, causal)) {
+                    fma4(dV_acc, Pij[k][r], *reinterpret_cast<const float4*>(&dOi[k][4 * c]));
+                    fma4(dK_acc, dSij[k][r], *reinterpret_cast<const float4*>(&Qi[k][4 * c]));
+                }
             }
 
             // line 21: dQ_i[r] += scale * sum_k dS_ij[r][k] * K_j[k]
             float4 dq = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
             for (int k = 0; k < Bc; ++k)
-                fma4(dq, dSij[r][k], *reinterpret_cast<const float4*>(&Kj[k][4 * c]));
+                if (!above_diagonal(row, j * Bc + k, causal))
+                    fma4(dq, dSij[r][k], *reinterpret_cast<const float4*>(&Kj[k][4 * c]));
             if (row < Nq) {
                 float* out = dQ_out + (int64_t)row * d + 4 * c;
                 if (dQ_partial) {

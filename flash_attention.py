@@ -60,6 +60,18 @@ def _causal_mask(rows: range, cols: range, device) -> Tensor:
     return c[None, :] > r[:, None]
 
 
+def _matmul_visible(A: Tensor, B: Tensor, hidden: Tensor | None) -> Tensor:
+    """A @ B without the products of hidden entries of A (hidden: a bool mask of A's last two dims).
+
+    A hidden score has probability 0, but 0 * NaN is NaN: a NaN in a hidden key must not
+    reach the queries it is hidden from. The kernels skip these products the same way.
+    """
+    if hidden is None or not hidden.any():
+        return A @ B
+    products = A[..., :, :, None] * B[..., None, :, :]  # (..., rows of A, cols of A, cols of B)
+    return products.masked_fill(hidden[..., None], 0.0).sum(-2)
+
+
 def reference_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float):
     """Algorithm 1 with the FlashAttention-2 loop order. Returns O (B, H, Nq, d) and L (B, H, Nq)."""
     B, H, Nq, d = q.shape
@@ -78,14 +90,15 @@ def reference_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_sca
             cols = range(j * Bc, min((j + 1) * Bc, Nk))
             Kj = k[:, :, cols.start : cols.stop]  # line 7: load K_j, V_j
             Vj = v[:, :, cols.start : cols.stop]
+            hidden = _causal_mask(rows, cols, q.device) if causal else None
             S_ij = softmax_scale * (Qi @ Kj.transpose(-1, -2))  # line 9
             if causal:
-                S_ij = S_ij.masked_fill(_causal_mask(rows, cols, q.device), -math.inf)
+                S_ij = S_ij.masked_fill(hidden, -math.inf)
             m_new = torch.maximum(m_i, S_ij.amax(-1))  # lines 10-11
             P_ij = torch.exp(S_ij - m_new[..., None])
             alpha = torch.exp(m_i - m_new)
             l_i = alpha * l_i + P_ij.sum(-1)
-            O_i = alpha[..., None] * O_i + P_ij @ Vj  # line 12
+            O_i = alpha[..., None] * O_i + _matmul_visible(P_ij, Vj, hidden)  # line 12
             m_i = m_new
         O[:, :, rows.start : rows.stop] = O_i / l_i[..., None]  # line 12's 1/l, once
         L[:, :, rows.start : rows.stop] = m_i + torch.log(l_i)  # line 13: logsumexp
@@ -120,15 +133,15 @@ def reference_backward(dO, q, k, v, O, L, causal: bool, softmax_scale: float):
             dOi = dO[:, :, rows.start : rows.stop]
             Li = L[:, :, rows.start : rows.stop]
             Di = D[:, :, rows.start : rows.stop]
-            hidden = _causal_mask(rows, cols, q.device) if causal else q.new_zeros((), dtype=torch.bool)
+            hidden = _causal_mask(rows, cols, q.device) if causal else None
+            hidden_T = hidden.T if causal else None
             S_ij = softmax_scale * (Qi @ Kj.transpose(-1, -2))  # line 11
-            P_ij = torch.exp(S_ij - Li[..., None]).masked_fill(hidden, 0.0)  # line 13: P from L
-            dV_j = dV_j + P_ij.transpose(-1, -2) @ dOi  # line 16
+            P_ij = torch.exp(S_ij - Li[..., None])  # line 13: P recomputed from L
+            dV_j = dV_j + _matmul_visible(P_ij.transpose(-1, -2), dOi, hidden_T)  # line 16
             dP_ij = dOi @ Vj.transpose(-1, -2)  # line 17
-            # lines 19-20; a hidden score gets dS = 0 outright (0 * NaN would leak a hidden NaN)
-            dS_ij = (P_ij * (dP_ij - Di[..., None])).masked_fill(hidden, 0.0)
-            dQ_partial[j % P, :, :, rows.start : rows.stop] += softmax_scale * (dS_ij @ Kj)  # line 21
-            dK_j = dK_j + dS_ij.transpose(-1, -2) @ Qi  # line 22
+            dS_ij = P_ij * (dP_ij - Di[..., None])  # lines 19-20
+            dQ_partial[j % P, :, :, rows.start : rows.stop] += softmax_scale * _matmul_visible(dS_ij, Kj, hidden)  # line 21
+            dK_j = dK_j + _matmul_visible(dS_ij.transpose(-1, -2), Qi, hidden_T)  # line 22
         dK[:, :, cols.start : cols.stop] = softmax_scale * dK_j  # line 24
         dV[:, :, cols.start : cols.stop] = dV_j
     dQ = q.new_zeros(B, H, Nq, d)

@@ -72,3 +72,16 @@ def test_batch_invariant(causal):
 
 def test_dq_partials_formula():
     assert [fa.dq_partials(n) for n in (1, 16, 17, 100, 256, 257, 100000)] == [1, 1, 2, 7, 16, 16, 16]
+
+
+def test_nan_in_a_hidden_key_stays_hidden():
+    N = 40
+    q, k, v = random_qkv(1, 2, N, N, seed=8)
+    dout = torch.randn(1, 2, N, 64)
+    clean = _grads(q, k, v, dout, causal=True)
+    k[0, 1, N - 1, 3] = float("nan")  # causal: only query N-1 sees key N-1
+    v[0, 1, N - 1, 5] = float("nan")
+    dirty = _grads(q, k, v, dout, causal=True)
+    assert dirty[0][0, 1, N - 1].isnan().all()
+    for x, y in zip(dirty[:2], clean[:2]):  # O and dQ of every other query are untouched
+        assert torch.equal(x[:, :, : N - 1], y[:, :, : N - 1])

@@ -82,16 +82,16 @@ def test_all_equal_scores_give_the_exact_uniform_average():
 # ---------------------------------------------------------------------------- large shapes
 
 def test_more_than_2_31_elements_use_64_bit_offsets():
-    N = 2**25 + 40  # q, out, dout and dq hold N * 64 > 2^31 elements each (8 GiB each)
+    N = 2**25 + 3000  # q, out, dout and dq hold N * 64 > 2^31 elements each (8 GiB each)
     g = torch.Generator(device="cuda").manual_seed(5)
     q = torch.randn(1, 1, N, 64, device="cuda", generator=g, requires_grad=True)
     k, v = (torch.randn(1, 1, 40, 64, device="cuda", generator=g, requires_grad=True) for _ in range(2))
     out = flash_attention(q, k, v)
-    tail = slice(N - 3000, N)
+    tail = slice(N - 2000, N)
     assert tail.start * 64 > 2**31  # the tail rows lie past element 2^31
     assert max_err(out[:, :, tail], attention_float64(q[:, :, tail], k, v)) <= 1e-5
     dout = torch.zeros_like(out)
-    dout[:, :, tail] = torch.randn(1, 1, 3000, 64, device="cuda", generator=g)
+    dout[:, :, tail] = torch.randn(1, 1, 2000, 64, device="cuda", generator=g)
     out.backward(dout)
     # Only the tail has a non-zero output gradient: it alone decides dk, dv and its own dq.
     _, dq64, dk64, dv64 = float64_grads(q[:, :, tail], k, v, dout[:, :, tail])
@@ -112,9 +112,8 @@ def test_n_65536_runs_in_linear_memory():
     torch.cuda.synchronize()
     tensor = H * N * 64 * 4
     assert (torch.cuda.max_memory_allocated() - base) <= 6 * tensor  # the scores alone: 32 GiB
-    rows = slice(N - 200, N)
-    ref = attention_float64(q[:, :, rows].detach(), k.detach(), v.detach(), causal=False)
-    assert max_err(out[:, :, rows], ref) <= 1e-5  # the last rows see every key
+    ref = attention_float64(q[:, :, -1:].detach(), k.detach(), v.detach())
+    assert max_err(out[:, :, -1:], ref) <= 1e-5  # causal: the last query sees every key
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
