@@ -45,9 +45,12 @@ def check(case, device, long_lengths=False):
     out = flash_attention(q, k, v, causal=case["causal"], softmax_scale=case["softmax_scale"],
                           deterministic=case["deterministic"])
     out.backward(dout)
-    ref, dq, dk, dv = float64_grads(q, k, v, dout, case["causal"], case["softmax_scale"])
-    assert max_err(out, ref) <= 1e-5
-    assert max(max_err(q.grad, dq), max_err(k.grad, dk), max_err(v.grad, dv)) <= 5e-5
+    ref = float64_grads(q, k, v, dout, case["causal"], case["softmax_scale"])
+    # The bounds of the other tests (1e-5 for O, 5e-5 for gradients) are for values of size ~1.
+    # Drawn shapes can make a result much larger (23 keys shared by 2000 queries give |dK| ~ 20),
+    # and FP32 rounding grows with it: the bound is relative to the largest reference value.
+    for name, x, r, bound in zip(("O", "dQ", "dK", "dV"), (out, q.grad, k.grad, v.grad), ref, (1e-5, 5e-5, 5e-5, 5e-5)):
+        assert max_err(x, r) <= bound * max(1.0, r.abs().max().item()), name
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
