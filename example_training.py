@@ -1,0 +1,373 @@
+"""Train a small transformer whose attention is this project's FlashAttention.
+
+    python example_training.py                          # the built-in task, on the GPU if there is one
+    python example_training.py --attention sdpa         # the same model with PyTorch's attention
+    python example_training.py --check-reproducible     # train twice; are the parameters bit-identical?
+    python example_training.py --data notes.txt         # a character model of any text file
+    python example_training.py --steps 400 --resume     # go on from the last checkpoint
+
+The built-in task is sorting: the model reads n random symbols (0..15) and a separator,
+then must write the same n symbols in ascending order. Each output must find, among all
+the inputs, the next symbol in order and how often it occurs: the information is at other
+positions, so no network that works on each position alone can solve it; attention must.
+Success: the share of fresh sequences sorted without a single mistake (the target is 99%).
+
+On the CPU the attention runs the PyTorch reference of the same tiled algorithm
+(flash_attention.py), slowly; the CPU defaults are a smaller model and shorter sequences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from flash_attention import HEAD_DIM, FlashAttention
+
+# --------------------------------------------------------------------------- settings
+# Defaults on the GPU and (after the slash) on the CPU; every one is a command-line option.
+GPU_DEFAULTS = dict(n_layer=4, n_embd=256, seq_len=32, batch_size=64, steps=3000, lr=1e-3)
+CPU_DEFAULTS = dict(n_layer=2, n_embd=128, seq_len=16, batch_size=32, steps=1500, lr=2e-3)
+VOCAB = 16  # symbols 0..15 of the sorting task; the separator is symbol 16
+TARGET_ACCURACY = 0.99  # share of sequences sorted without a mistake
+EVAL_EVERY = 50  # steps between evaluations (and points of the loss curve)
+MAX_LEN = 2048  # the longest sequence the position embedding takes
+
+
+# --------------------------------------------------------------------------- the model (nanoGPT-style)
+
+@dataclass
+class Config:
+    vocab_size: int
+    block_size: int  # longest sequence
+    n_layer: int
+    n_embd: int
+    attention: str = "flash"  # flash | sdpa | naive
+    deterministic: bool = False
+
+    @property
+    def n_head(self) -> int:
+        return self.n_embd // HEAD_DIM
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention: learned Q/K/V and output projections around the attention."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.flash = FlashAttention(head_dim=HEAD_DIM, causal=True, deterministic=cfg.deterministic)
+
+    def forward(self, x):  # x: (B, T, C)
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.cfg.n_head, HEAD_DIM).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, 64)
+        if self.cfg.attention == "flash":
+            y = self.flash(q, k, v)
+        elif self.cfg.attention == "sdpa":
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # naive: materializes the (T, T) scores
+            att = (q @ k.transpose(-1, -2)) / math.sqrt(HEAD_DIM)
+            att = att.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), -math.inf)
+            y = torch.softmax(att, dim=-1) @ v
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd)
+        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(), nn.Linear(4 * cfg.n_embd, cfg.n_embd))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+
+    def forward(self, idx):  # idx: (B, T) token ids -> logits (B, T, vocab)
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+# --------------------------------------------------------------------------- data
+
+class Sorting:
+    """[x_1 .. x_n, SEP, sorted(x)]: the loss and the accuracy count the sorted half only."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.vocab_size = VOCAB + 1
+        self.block_size = 2 * n + 1
+
+    def batch(self, batch_size, generator, device):
+        x = torch.randint(0, VOCAB, (batch_size, self.n), generator=generator)
+        sep = torch.full((batch_size, 1), VOCAB)
+        seq = torch.cat([x, sep, x.sort(dim=1).values], dim=1).to(device)
+        inputs, targets = seq[:, :-1], seq[:, 1:].clone()
+        targets[:, : self.n - 1] = -1  # the first half is random: nothing to learn there
+        return inputs, targets
+
+    @staticmethod
+    def accuracy(logits, targets):
+        """Share of sequences whose sorted half is right in every position."""
+        counted = targets >= 0
+        right = (logits.argmax(-1) == targets) | ~counted
+        return right.all(dim=1).float().mean().item()
+
+
+class CharText:
+    """Random windows of a text file, one character a token; accuracy is next-character accuracy."""
+
+    def __init__(self, path: Path, seq_len: int):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        chars = sorted(set(text))
+        self.stoi = {c: i for i, c in enumerate(chars)}
+        self.data = torch.tensor([self.stoi[c] for c in text], dtype=torch.long)
+        if len(self.data) < seq_len + 2:
+            raise ValueError(f"--data {path} has {len(self.data)} characters; --seq-len {seq_len} needs more than "
+                             f"{seq_len + 1}")
+        self.n = seq_len
+        self.vocab_size = len(chars)
+        self.block_size = seq_len
+
+    def batch(self, batch_size, generator, device):
+        start = torch.randint(0, len(self.data) - self.n - 1, (batch_size,), generator=generator)
+        windows = torch.stack([self.data[s : s + self.n + 1] for s in start.tolist()]).to(device)
+        return windows[:, :-1], windows[:, 1:]
+
+    @staticmethod
+    def accuracy(logits, targets):
+        return (logits.argmax(-1) == targets).float().mean().item()
+
+
+def batch_generator(seed: int, step: int) -> torch.Generator:
+    """The data of step `step` depends on (seed, step) alone: a resumed run sees the same batches."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+# --------------------------------------------------------------------------- training
+
+def learning_rate(step: int, args) -> float:
+    """Linear warm-up over the first 5% of the steps, then cosine decay to a tenth (as nanoGPT)."""
+    warmup = max(1, args.steps // 20)
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, args.steps - warmup)
+    return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def make_reproducible(deterministic: bool) -> None:
+    """What PyTorch needs, beyond deterministic=True for the attention, for bit-identical training:
+    deterministic algorithms everywhere (the embedding's backward otherwise adds with atomics),
+    and a fixed cuBLAS workspace (CUBLAS_WORKSPACE_CONFIG, which must be set before cuBLAS starts)."""
+    if deterministic:
+        import os
+
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def train(args, task, log=True):
+    """Trains from args.seed (or from the checkpoint in args.out with --resume). Returns a summary dict."""
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    cfg = Config(task.vocab_size, task.block_size, args.n_layer, args.n_embd, args.attention, args.deterministic)
+    model = GPT(cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    ckpt_path = args.out / "checkpoint.pt"
+    step, curve, reached = 0, [], None
+    if args.resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, curve, reached = ckpt["step"], ckpt["curve"], ckpt["reached"]
+    eval_inputs, eval_targets = task.batch(256, torch.Generator().manual_seed(args.seed + 7), device)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start, trained_from = time.perf_counter(), step
+    bar = tqdm(total=args.steps, initial=step, desc=f"train ({args.attention})", disable=not log, file=sys.stderr)
+    loss = torch.tensor(float("nan"))
+    while step < args.steps:
+        inputs, targets = task.batch(args.batch_size, batch_generator(args.seed, step), device)
+        logits = model(inputs)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args)
+        optimizer.step()
+        step += 1
+        if step % EVAL_EVERY == 0 or step == args.steps:
+            with torch.no_grad():
+                acc = task.accuracy(model(eval_inputs), eval_targets)
+            elapsed = time.perf_counter() - start
+            curve.append((step, loss.item(), acc, elapsed))
+            if reached is None and isinstance(task, Sorting) and acc >= TARGET_ACCURACY:
+                reached = (step, elapsed)
+            bar.set_postfix(loss=f"{loss.item():.4f}", acc=f"{acc:.3f}",
+                            steps_per_s=f"{(step - trained_from) / elapsed:.1f}")
+        if step % args.ckpt_every == 0 or step == args.steps:
+            args.out.mkdir(parents=True, exist_ok=True)
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                        "curve": curve, "reached": reached}, ckpt_path)
+        bar.update()
+    bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - start
+    with torch.no_grad():
+        final_acc = task.accuracy(model(eval_inputs), eval_targets)
+    return {
+        "model": model,
+        "final_loss": loss.item(),
+        "accuracy": final_acc,
+        "steps_per_s": (step - trained_from) / elapsed if step > trained_from else float("nan"),
+        "peak_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        "reached": reached,
+        "curve": curve,
+    }
+
+
+def save_curve(curve, out: Path) -> list[Path]:
+    """The loss curve as CSV, and as PNG when matplotlib is installed."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "loss_curve.csv"]
+    with open(paths[0], "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["step", "loss", "accuracy", "seconds"])
+        writer.writerows(curve)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return paths
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([c[0] for c in curve], [c[1] for c in curve])
+    ax.set(xlabel="step", ylabel="training loss", yscale="log", title="example_training.py")
+    fig.tight_layout()
+    fig.savefig(out / "loss_curve.png")
+    plt.close(fig)
+    return paths + [out / "loss_curve.png"]
+
+
+# --------------------------------------------------------------------------- command line
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block and no traceback
+        self.exit(2, f"example_training.py: error: {message}\n")
+
+
+def parse_args(argv=None):
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--attention", choices=["flash", "sdpa", "naive"], default="flash",
+                   help="the model's attention: this project's (flash) or PyTorch's (sdpa, naive)")
+    p.add_argument("--deterministic", action="store_true", help="bit-reproducible training (see --check-reproducible)")
+    p.add_argument("--check-reproducible", action="store_true",
+                   help="train twice from one seed in deterministic mode; report whether every parameter is bit-identical")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--data", type=Path, help="train a character model on this text file instead")
+    p.add_argument("--steps", type=int, help="training steps (GPU 3000, CPU 1500)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, help="sequences per step (GPU 64, CPU 32)")
+    p.add_argument("--seq-len", type=int, help="symbols to sort (GPU 32, CPU 16), or the context of --data")
+    p.add_argument("--n-layer", type=int, help="transformer blocks (GPU 4, CPU 2)")
+    p.add_argument("--n-embd", type=int, help="model width, a multiple of 64 (GPU 256, CPU 128)")
+    p.add_argument("--lr", type=float, help="AdamW learning rate (GPU 1e-3, CPU 2e-3)")
+    p.add_argument("--out", type=Path, default=Path("runs/example"), help="checkpoints and the loss curve")
+    p.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints (default 100)")
+    p.add_argument("--resume", action="store_true", help="go on from the checkpoint in --out")
+    args = p.parse_args(argv)
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU is available (use --device cpu)")
+    for name, value in (GPU_DEFAULTS if args.device == "cuda" else CPU_DEFAULTS).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.data is not None and not args.data.is_file():
+        p.error(f"--data {args.data}: no such file")
+    for name in ("steps", "batch_size", "n_layer", "ckpt_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.n_embd < HEAD_DIM or args.n_embd % HEAD_DIM:
+        p.error(f"--n-embd must be a positive multiple of {HEAD_DIM} (the head size), got {args.n_embd}")
+    longest = args.seq_len if args.data else 2 * args.seq_len + 1
+    if args.seq_len < (1 if args.data else 2) or longest > MAX_LEN:
+        p.error(f"--seq-len {args.seq_len} is out of range: the model takes sequences of at most {MAX_LEN} tokens "
+                f"({'--seq-len' if args.data else '2 * --seq-len + 1'} <= {MAX_LEN}), and at least "
+                f"{'1' if args.data else '2'} for --seq-len")
+    if args.lr <= 0 or not math.isfinite(args.lr):
+        p.error(f"--lr must be a positive number, got {args.lr}")
+    if args.check_reproducible:
+        args.deterministic = True
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    make_reproducible(args.deterministic)
+    try:
+        task = CharText(args.data, args.seq_len) if args.data else Sorting(args.seq_len)
+    except ValueError as e:
+        raise SystemExit(f"example_training.py: error: {e}")
+    what = f"character model of {args.data}" if args.data else f"sorting {args.seq_len} symbols"
+    print(f"Task: {what}. Model: {args.n_layer} blocks, width {args.n_embd} ({args.n_embd // HEAD_DIM} heads), "
+          f"attention={args.attention}, deterministic={args.deterministic}, device={args.device}.")
+
+    if args.check_reproducible:
+        runs = []
+        for n in (1, 2):
+            print(f"Run {n} of 2 from seed {args.seed}...")
+            run_args = argparse.Namespace(**{**vars(args), "resume": False, "out": args.out / f"reproducible_{n}"})
+            runs.append(train(run_args, task)["model"].state_dict())
+        same = all(torch.equal(runs[0][name], runs[1][name]) for name in runs[0])
+        print(f"Reproducible: {'yes' if same else 'NO'}: {len(runs[0])} parameter tensors "
+              f"{'all bit-identical' if same else 'differ'} after {args.steps} steps.")
+        return 0 if same else 1
+
+    result = train(args, task)
+    paths = save_curve(result["curve"], args.out)
+    print(f"Final loss {result['final_loss']:.4f}, accuracy {result['accuracy']:.3f} "
+          f"({'sequences sorted without a mistake' if not args.data else 'next character'}), "
+          f"{result['steps_per_s']:.1f} steps/s" +
+          (f", peak GPU memory {result['peak_mib']:.0f} MiB." if result["peak_mib"] is not None else "."))
+    if not args.data:
+        if result["reached"]:
+            step, seconds = result["reached"]
+            print(f"Target accuracy {TARGET_ACCURACY:.0%} reached at step {step}, after {seconds:.1f} s.")
+        else:
+            print(f"Target accuracy {TARGET_ACCURACY:.0%} not reached in {args.steps} steps.")
+    print("Loss curve: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
