@@ -2,6 +2,8 @@
 where there is one and are skipped, with that reason, elsewhere."""
 
 import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,12 @@ def python_blocks():
 def test_python_block_runs(code):
     if code.startswith("# needs a CUDA GPU") and not torch.cuda.is_available():
         pytest.skip("this block needs a CUDA GPU (none found)")
-    exec(compile(code, "<doc>", "exec"), {"__name__": "__doc_block__"})
+    module = types.ModuleType("doc_block")  # a real module: torch.compile looks its globals up by name
+    sys.modules["doc_block"] = module
+    try:
+        exec(compile(code, "<doc>", "exec"), module.__dict__)
+    finally:
+        del sys.modules["doc_block"]
 
 
 def test_bash_blocks_name_only_existing_scripts():
