@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 
+from flash_attention import flash_attention
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none found)")
 
 
@@ -39,3 +41,11 @@ def float64_grads(q, k, v, dout, causal=False, softmax_scale=None):
 
 def max_err(x, ref):
     return (x.double() - ref.double()).abs().max().item()
+
+
+def flash_grads(q, k, v, dout, **kwargs):
+    """Output and (dq, dk, dv) of flash_attention (with kwargs) for the output gradient dout."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = flash_attention(q, k, v, **kwargs)
+    out.backward(dout)
+    return out, q.grad, k.grad, v.grad

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import flash_attention as fa
-from conftest import float64_grads, max_err, random_qkv, requires_cuda
+from conftest import flash_grads, float64_grads, max_err, random_qkv, requires_cuda
 from flash_attention import FlashAttention, flash_attention
 
 pytestmark = requires_cuda
@@ -16,21 +16,13 @@ SHAPES = [(n, n) for n in (1, 15, 16, 17, 100, 257, 1024, 2048)] + [(17, 1), (1,
                                                                     (1000, 2048), (2048, 999)]
 
 
-def run(q, k, v, dout, **kwargs):
-    """Output and (dq, dk, dv) of flash_attention for the output gradient dout."""
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    out = flash_attention(q, k, v, **kwargs)
-    out.backward(dout)
-    return out, q.grad, k.grad, v.grad
-
-
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("Nq,Nk", SHAPES)
 def test_matches_float64(Nq, Nk, causal, deterministic):
     q, k, v = random_qkv(2, 3, Nq, Nk, device="cuda", seed=Nq * 7919 + Nk)
     dout = torch.randn(2, 3, Nq, 64, device="cuda")
-    out, dq, dk, dv = run(q, k, v, dout, causal=causal, deterministic=deterministic)
+    out, dq, dk, dv = flash_grads(q, k, v, dout, causal=causal, deterministic=deterministic)
     ref, dq64, dk64, dv64 = float64_grads(q, k, v, dout, causal)
     assert max_err(out, ref) <= 1e-5
     assert max_err(dq, dq64) <= 5e-5
@@ -54,7 +46,7 @@ def test_sum_loss_non_contiguous_inputs(deterministic):
 def test_softmax_scale_and_three_dim_input():
     q, k, v = random_qkv(3, 1, 70, 90, device="cuda", seed=5)
     dout = torch.randn(3, 70, 64, device="cuda")
-    out, dq, dk, dv = run(q[:, 0], k[:, 0], v[:, 0], dout, causal=True, softmax_scale=0.3)
+    out, dq, dk, dv = flash_grads(q[:, 0], k[:, 0], v[:, 0], dout, causal=True, softmax_scale=0.3)
     ref, dq64, dk64, dv64 = float64_grads(q[:, 0], k[:, 0], v[:, 0], dout, causal=True, softmax_scale=0.3)
     assert out.shape == (3, 70, 64)
     assert max_err(out, ref) <= 1e-5
@@ -82,7 +74,7 @@ def test_empty_inputs():
 
 def test_keys_no_query_sees_get_zero_gradients():
     q, k, v = random_qkv(1, 2, 20, 70, device="cuda", seed=7)  # causal: keys 20.. are hidden from every query
-    _, _, dk, dv = run(q, k, v, torch.randn(1, 2, 20, 64, device="cuda"), causal=True)
+    _, _, dk, dv = flash_grads(q, k, v, torch.randn(1, 2, 20, 64, device="cuda"), causal=True)
     assert torch.count_nonzero(dk[:, :, 20:]) == 0 and torch.count_nonzero(dv[:, :, 20:]) == 0
 
 
@@ -92,9 +84,9 @@ def test_keys_no_query_sees_get_zero_gradients():
 def test_deterministic_repeats_are_bit_identical(causal):
     q, k, v = random_qkv(2, 4, 1000, 1500, device="cuda", seed=8)
     dout = torch.randn(2, 4, 1000, 64, device="cuda")
-    first = run(q, k, v, dout, causal=causal, deterministic=True)
+    first = flash_grads(q, k, v, dout, causal=causal, deterministic=True)
     for _ in range(20):
-        again = run(q, k, v, dout, causal=causal, deterministic=True)
+        again = flash_grads(q, k, v, dout, causal=causal, deterministic=True)
         for name, a, b in zip(("O", "dQ", "dK", "dV"), first, again):
             assert torch.equal(a, b), name
 
@@ -103,12 +95,12 @@ def test_deterministic_repeats_are_bit_identical(causal):
 def test_deterministic_batch_and_head_invariant(causal):
     q, k, v = random_qkv(4, 3, 777, 1111, device="cuda", seed=9)
     dout = torch.randn(4, 3, 777, 64, device="cuda")
-    batched = run(q, k, v, dout, causal=causal, deterministic=True)
+    batched = flash_grads(q, k, v, dout, causal=causal, deterministic=True)
     for b in range(4):
-        alone = run(q[b : b + 1], k[b : b + 1], v[b : b + 1], dout[b : b + 1], causal=causal, deterministic=True)
+        alone = flash_grads(q[b : b + 1], k[b : b + 1], v[b : b + 1], dout[b : b + 1], causal=causal, deterministic=True)
         for name, x, y in zip(("O", "dQ", "dK", "dV"), batched, alone):
             assert torch.equal(x[b : b + 1], y), f"{name} of sample {b}"
-    one_head = run(q[:, 1:2], k[:, 1:2], v[:, 1:2], dout[:, 1:2], causal=causal, deterministic=True)
+    one_head = flash_grads(q[:, 1:2], k[:, 1:2], v[:, 1:2], dout[:, 1:2], causal=causal, deterministic=True)
     for name, x, y in zip(("O", "dQ", "dK", "dV"), batched, one_head):
         assert torch.equal(x[:, 1:2], y), f"{name} of head 1"
 
@@ -116,12 +108,12 @@ def test_deterministic_batch_and_head_invariant(causal):
 def test_use_deterministic_algorithms_selects_deterministic_mode():
     q, k, v = random_qkv(2, 4, 2000, 2000, device="cuda", seed=10)
     dout = torch.randn(2, 4, 2000, 64, device="cuda")
-    explicit = run(q, k, v, dout, deterministic=True)
+    explicit = flash_grads(q, k, v, dout, deterministic=True)
     was = torch.are_deterministic_algorithms_enabled()
     try:
         torch.use_deterministic_algorithms(True)
         for _ in range(5):
-            followed = run(q, k, v, dout)
+            followed = flash_grads(q, k, v, dout)
             assert all(torch.equal(a, b) for a, b in zip(explicit, followed))
     finally:
         torch.use_deterministic_algorithms(was)

@@ -6,7 +6,6 @@ FLASH_ATTENTION_FUZZ_EXAMPLES=500 ./test_installation.sh -k fuzz
 
 import os
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import flash_attention as fa
-from conftest import float64_grads, max_err, random_qkv
+from conftest import flash_grads, float64_grads, max_err, random_qkv
 from flash_attention import flash_attention
 
 LENGTHS = [1, 15, 16, 17, 100, 257]
@@ -43,20 +43,13 @@ def test_logsumexp_is_saved():
     assert max_err(L, ref) <= 1e-5
 
 
-def _grads(q, k, v, dout, **kwargs):
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    out = flash_attention(q, k, v, **kwargs)
-    out.backward(dout)
-    return out, q.grad, k.grad, v.grad
-
-
 @pytest.mark.parametrize("causal", [False, True])
 def test_repeats_are_bit_identical(causal):
     q, k, v = random_qkv(2, 2, 70, 300, seed=5)
     dout = torch.randn(2, 2, 70, 64)
-    first = _grads(q, k, v, dout, causal=causal, deterministic=True)
+    first = flash_grads(q, k, v, dout, causal=causal, deterministic=True)
     for _ in range(3):
-        again = _grads(q, k, v, dout, causal=causal, deterministic=True)
+        again = flash_grads(q, k, v, dout, causal=causal, deterministic=True)
         assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
@@ -64,9 +57,9 @@ def test_repeats_are_bit_identical(causal):
 def test_batch_invariant(causal):
     q, k, v = random_qkv(4, 2, 50, 290, seed=6)
     dout = torch.randn(4, 2, 50, 64)
-    batched = _grads(q, k, v, dout, causal=causal, deterministic=True)
+    batched = flash_grads(q, k, v, dout, causal=causal, deterministic=True)
     for b in range(4):
-        alone = _grads(q[b : b + 1], k[b : b + 1], v[b : b + 1], dout[b : b + 1], causal=causal, deterministic=True)
+        alone = flash_grads(q[b : b + 1], k[b : b + 1], v[b : b + 1], dout[b : b + 1], causal=causal, deterministic=True)
         assert all(torch.equal(x[b : b + 1], y) for x, y in zip(batched, alone))
 
 
@@ -78,10 +71,10 @@ def test_nan_in_a_hidden_key_stays_hidden():
     N = 40
     q, k, v = random_qkv(1, 2, N, N, seed=8)
     dout = torch.randn(1, 2, N, 64)
-    clean = _grads(q, k, v, dout, causal=True)
+    clean = flash_grads(q, k, v, dout, causal=True)
     k[0, 1, N - 1, 3] = float("nan")  # causal: only query N-1 sees key N-1
     v[0, 1, N - 1, 5] = float("nan")
-    dirty = _grads(q, k, v, dout, causal=True)
+    dirty = flash_grads(q, k, v, dout, causal=True)
     assert dirty[0][0, 1, N - 1].isnan().all()
     for x, y in zip(dirty[:2], clean[:2]):  # O and dQ of every other query are untouched
         assert torch.equal(x[:, :, : N - 1], y[:, :, : N - 1])

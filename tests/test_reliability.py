@@ -5,18 +5,11 @@ import math
 import pytest
 import torch
 
-from conftest import attention_float64, float64_grads, max_err, random_qkv, requires_cuda
+from conftest import flash_grads, attention_float64, float64_grads, max_err, random_qkv, requires_cuda
 from flash_attention import flash_attention
 from test_api import bad_inputs
 
 pytestmark = requires_cuda
-
-
-def grads(q, k, v, dout, **kwargs):
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    out = flash_attention(q, k, v, **kwargs)
-    out.backward(dout)
-    return out, q.grad, k.grad, v.grad
 
 
 # ---------------------------------------------------------------------------- hostile values
@@ -27,7 +20,7 @@ def test_bad_value_in_one_query_row_stays_in_that_row(value, deterministic):
     q, k, v = random_qkv(2, 2, 50, 70, device="cuda", seed=1)
     dout = torch.randn(2, 2, 50, 64, device="cuda")
     q[1, 0, 33, 5] = value
-    out, dq, dk, dv = grads(q, k, v, dout, deterministic=deterministic)
+    out, dq, dk, dv = flash_grads(q, k, v, dout, deterministic=deterministic)
     assert out[1, 0, 33].isnan().all() and dq[1, 0, 33].isnan().all()
     assert dk[1, 0].isnan().all() and dv[1, 0].isnan().all()  # every key meets the bad row
     clean = torch.ones(2, 2, 50, dtype=torch.bool, device="cuda")
@@ -45,7 +38,7 @@ def test_nan_in_a_hidden_key_reaches_only_the_queries_that_see_it(where, determi
     dout = torch.randn(1, 2, N, 64, device="cuda")
     ref, dq64, _, _ = float64_grads(q, k, v, dout, causal=True)
     (k if where == "k" else v)[0, 1, N - 1, 7] = math.nan  # causal: only query N-1 sees key N-1
-    out, dq, dk, dv = grads(q, k, v, dout, causal=True, deterministic=deterministic)
+    out, dq, dk, dv = flash_grads(q, k, v, dout, causal=True, deterministic=deterministic)
     if where == "k":  # a NaN score: the whole row of the output is NaN
         assert out[0, 1, N - 1].isnan().all()
     else:  # a NaN value: only its column
@@ -60,7 +53,7 @@ def test_huge_logits_stay_finite_and_match_float64():
     q = q * 1e4
     dout = torch.randn_like(q)
     for causal in (False, True):
-        out, dq, dk, dv = grads(q, k, v, dout, causal=causal)
+        out, dq, dk, dv = flash_grads(q, k, v, dout, causal=causal)
         ref, dq64, dk64, dv64 = float64_grads(q, k, v, dout, causal)
         assert all(torch.isfinite(t).all() for t in (out, dq, dk, dv))
         # FP32 rounds a score s by up to |s| * 2^-24 per operation; with |s| ~ 1e4 the
@@ -131,7 +124,7 @@ def test_side_stream_with_inputs_from_another_stream():
     with torch.cuda.stream(consumer):
         for t in (q, k, v, dout):
             t.record_stream(consumer)
-        out, dq, dk, dv = grads(q, k, v, dout, causal=True)
+        out, dq, dk, dv = flash_grads(q, k, v, dout, causal=True)
     torch.cuda.current_stream().wait_stream(consumer)
     ref, dq64, dk64, dv64 = float64_grads(q, k, v, dout, causal=True)
     assert max_err(out, ref) <= 1e-5
@@ -184,6 +177,6 @@ def test_bad_input_on_cuda_leaves_the_context_usable(case):
         call()
     q, k, v = random_qkv(1, 2, 33, 47, device="cuda", seed=case)
     dout = torch.randn(1, 2, 33, 64, device="cuda")
-    out, dq, dk, dv = grads(q, k, v, dout, causal=True)
+    out, dq, dk, dv = flash_grads(q, k, v, dout, causal=True)
     ref, dq64, dk64, dv64 = float64_grads(q, k, v, dout, causal=True)
     assert max_err(out, ref) <= 1e-5 and max(max_err(dq, dq64), max_err(dk, dk64), max_err(dv, dv64)) <= 5e-5
