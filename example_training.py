@@ -184,12 +184,15 @@ def learning_rate(step: int, args) -> float:
 def make_reproducible(deterministic: bool) -> None:
     """What PyTorch needs, beyond deterministic=True for the attention, for bit-identical training:
     deterministic algorithms everywhere (the embedding's backward otherwise adds with atomics),
-    and a fixed cuBLAS workspace (CUBLAS_WORKSPACE_CONFIG, which must be set before cuBLAS starts)."""
+    and a fixed cuBLAS workspace (CUBLAS_WORKSPACE_CONFIG, which must be set before cuBLAS starts).
+    warn_only: an op with no deterministic version (PyTorch's memory-efficient attention backward,
+    with --attention sdpa) warns instead of stopping the run, and --check-reproducible reports the
+    result as it is."""
     if deterministic:
         import os
 
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+        torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
 
 
