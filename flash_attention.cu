@@ -138,10 +138,12 @@ __device__ __forceinline__ bool masked(int row, int col, int Nk, bool causal) {
 // -----------------------------------------------------------------------------
 // One block per (batch * head, query tile i); grid = B * H * Tr blocks.
 //   Alg. 1 lines 1-4 (split Q into Tr tiles, K and V into Tc tiles): the indexing below.
+//   line 7  (for i = 1 .. Tr)           : the grid: FlashAttention-2 makes the query loop the
+//                                         outer one, one block per query tile
 //   line 8  (load Q_i)                  : load_tile(Qi, ...) before the loop
-//   line 6  (for j = 1 .. Tc)           : the j loop; causal stops at the last tile on or
+//   line 5  (for j = 1 .. Tc)           : the j loop; causal stops at the last tile on or
 //                                         below the diagonal
-//   line 7  (load K_j, V_j)             : load_tile(Kj / Vj, ...)
+//   line 6  (load K_j, V_j)             : load_tile(Kj / Vj, ...)
 //   line 9  (S_ij = scale * Q_i K_j^T)  : dot_row; thread (r, c) computes S_ij[r][c]
 //   line 10 (m~, P~ = exp(S - m~), l~)  : row_max, expf, row_sum over the row's 16 lanes
 //   line 11 (m_new, l_new)              : m_new = max(m_i, m~); l_i = alpha * l_i + l~
@@ -179,8 +181,8 @@ flash_forward_kernel(const float* __restrict__ Q,  // (B, H, Nq, d)
 
     const int last_row = min((i + 1) * Br, Nq) - 1;
     const int Tc_end = causal ? min(Tc, last_row / Bc + 1) : Tc;
-    for (int j = 0; j < Tc_end; ++j) {      // Alg. 1 line 6
-        load_tile(Kj, K, j * Bc, Nk);       // line 7
+    for (int j = 0; j < Tc_end; ++j) {      // Alg. 1 line 5
+        load_tile(Kj, K, j * Bc, Nk);       // line 6
         load_tile(Vj, V, j * Bc, Nk);
         __syncthreads();                    // Q_i, K_j, V_j are in shared memory
 

@@ -79,16 +79,16 @@ def reference_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_sca
     O = q.new_empty(B, H, Nq, d)
     L = q.new_empty(B, H, Nq)
     Tr, Tc = math.ceil(Nq / Br), math.ceil(Nk / Bc)
-    for i in range(Tr):  # one thread block per query tile
+    for i in range(Tr):  # line 7, made the outer loop: one thread block per query tile
         rows = range(i * Br, min((i + 1) * Br, Nq))
         Qi = q[:, :, rows.start : rows.stop]  # line 8: load Q_i
         m_i = q.new_full((B, H, len(rows)), -math.inf)  # line 2: m = -inf
         l_i = q.new_zeros(B, H, len(rows))  # line 2: l = 0
         O_i = q.new_zeros(B, H, len(rows), d)
         Tc_end = min(Tc, (rows.stop - 1) // Bc + 1) if causal else Tc
-        for j in range(Tc_end):  # line 6
+        for j in range(Tc_end):  # line 5
             cols = range(j * Bc, min((j + 1) * Bc, Nk))
-            Kj = k[:, :, cols.start : cols.stop]  # line 7: load K_j, V_j
+            Kj = k[:, :, cols.start : cols.stop]  # line 6: load K_j, V_j
             Vj = v[:, :, cols.start : cols.stop]
             hidden = _causal_mask(rows, cols, q.device) if causal else None
             S_ij = softmax_scale * (Qi @ Kj.transpose(-1, -2))  # line 9
@@ -155,8 +155,7 @@ def reference_backward(dO, q, k, v, O, L, causal: bool, softmax_scale: float):
 # ----------------------------------------------------------------------------------------
 
 CUDA_SOURCE = Path(__file__).with_name("flash_attention.cu")
-NVCC_FLAGS = ["-O3", "-DFLASH_ATTENTION_WITH_TORCH"]  # setup.py builds with the same flags
-CXX_FLAGS = ["-O3", "-DFLASH_ATTENTION_WITH_TORCH"]
+COMPILE_FLAGS = ["-O3", "-DFLASH_ATTENTION_WITH_TORCH"]  # setup.py builds with the same flags
 _extension_module = None
 
 
@@ -166,7 +165,7 @@ def _extension():
     if _extension_module is None:
         try:
             import flash_attention_cuda as module
-        except ImportError:
+        except ModuleNotFoundError:  # not installed; an installed module that fails to load raises
             module = _compile_extension()
         _extension_module = module
     return _extension_module
@@ -193,8 +192,8 @@ def _compile_extension():
     return cpp_extension.load(
         name="flash_attention_cuda",
         sources=[str(CUDA_SOURCE)],
-        extra_cflags=CXX_FLAGS,
-        extra_cuda_cflags=NVCC_FLAGS,
+        extra_cflags=COMPILE_FLAGS,
+        extra_cuda_cflags=COMPILE_FLAGS,
     )
 
 

@@ -16,7 +16,7 @@ from setuptools import setup
 from torch.utils import cpp_extension
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # build backends do not put it there
-from flash_attention import CXX_FLAGS, NVCC_FLAGS  # noqa: E402  (one list of flags for both builds)
+from flash_attention import COMPILE_FLAGS  # noqa: E402  (one list of flags for both builds)
 
 ext_modules = []
 if cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None:
@@ -24,7 +24,7 @@ if cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None:
         cpp_extension.CUDAExtension(
             name="flash_attention_cuda",
             sources=["flash_attention.cu"],
-            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
+            extra_compile_args={"cxx": COMPILE_FLAGS, "nvcc": COMPILE_FLAGS},
         )
     )
 else:

@@ -25,3 +25,11 @@ def test_kernels_compile_without_spills(tmp_path):
     assert len(spills) == len(kernels), report
     assert all(s == ("0", "0") for s in spills), report
     assert "stack frame" in report and not re.search(r"[1-9]\d* bytes stack frame", report), report
+
+
+@pytest.mark.skipif(__import__("torch").version.cuda is not None, reason="this PyTorch is a CUDA build")
+def test_cpu_only_pytorch_says_what_is_missing():
+    import flash_attention as fa
+
+    with pytest.raises(RuntimeError, match="missing: a CUDA build of PyTorch .*CPU-only.*install.sh"):
+        fa._compile_extension()
