@@ -122,16 +122,16 @@ __device__ __forceinline__ void fma4(float4& acc, float a, const float4& x) {
 
 // Key `col` is hidden from query `row` past the end of the keys, and above the diagonal
 // when causal (top-left aligned, as scaled_dot_product_attention(is_causal=True)).
+// The kernels skip the products of a pair above the diagonal rather than multiply by its zero
+// probability: 0 * NaN is NaN, and a NaN in a hidden key (or query) must not reach the
+// queries (or keys) it is hidden from. Rows past Nq or Nk need no such care: their tiles
+// are filled with zeros.
 __device__ __forceinline__ bool above_diagonal(int row, int col, bool causal) {
     return causal && col > row;
 }
 __device__ __forceinline__ bool masked(int row, int col, int Nk, bool causal) {
     return col >= Nk || above_diagonal(row, col, causal);
 }
-// The products of a pair above the diagonal are skipped, not multiplied by its zero
-// probability: 0 * NaN is NaN, and a NaN in a hidden key (or query) must not reach the
-// queries (or keys) it is hidden from. Rows past Nq or Nk need no such care: their tiles
-// are filled with zeros.
 
 // -----------------------------------------------------------------------------
 // Forward: Algorithm 1 (FlashAttention-2 loop order)
