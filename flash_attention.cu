@@ -391,42 +391,654 @@ __global__ void dq_partials_sum_kernel(const float4* __restrict__ dQ_partial,  /
     }
 }
 
+// =============================================================================
+// The fast kernels (kernel="fast", the default)
+// =============================================================================
+// The same Algorithm 1 and 2, the same loop order and the same determinism contract as
+// the tutorial kernels above; what changes is how a tile product is computed.
+//
+//   * 64 x 64 tiles, one per block of 4 warps. Each warp owns 16 rows of the tile and
+//     computes its products with the tensor cores' mma.sync.m16n8k8 instruction: a
+//     16 x 8 block of C += A (16 x 8) B (8 x 8), 4 floats of C per lane.
+//   * FP32 accuracy on the tensor cores ("3xTF32", as PyTorch's memory-efficient FP32
+//     attention and CUTLASS's FastF32 do): an FP32 number x is split into x_big =
+//     tf32(x), the top 11 significant bits, and x_small = tf32(x - x_big), the next 11;
+//     a*b = a_big*b_big + a_big*b_small + a_small*b_big up to a_small*b_small, which is
+//     2^-22 |a*b|: about FP32's rounding. Three mma per product, in FP32 accumulators.
+//   * Tiles reach shared memory by cp.async, the next tile while this one is computed.
+//     A tile is 64 rows of 64 floats with the 16-byte chunks of row r swizzled (chunk c
+//     stored at c ^ swizzle(r)): both ways the warps read tiles (four consecutive
+//     floats of a row, or one float of each of 8 rows) hit 32 different banks.
+//   * The mma's k index may be any permutation of the summed dimension, as long as A and
+//     B use the same one. Two are used: over d, lane t's k = t and t + 4 are columns
+//     4t and 4t + 1 (and the next k-chunk 4t + 2, 4t + 3), so one float4 feeds two
+//     k-chunks; over keys (or queries), k = t and t + 4 are 2t and 2t + 1, which is
+//     where the accumulator fragment of S = QK^T keeps them: P feeds P V as it is.
+//   * Causal: in the tile on the diagonal a warp skips the 8-column blocks that all its
+//     rows are hidden from. In the two blocks that the diagonal crosses, a hidden pair
+//     (P = 0) still meets the other operand inside one mma; a NaN or Inf there would
+//     give 0 * NaN. Those operands are read with non-finite values set to 0, and the
+//     rare warp that found one adds the products of its visible pairs one by one
+//     (add_nonfinite_products), so a NaN reaches exactly the rows that see it.
+namespace fast {
+
+constexpr int Br = 64;            // query rows of a tile
+constexpr int Bc = 64;            // key rows of a tile
+constexpr int WARPS = 4;
+constexpr int THREADS = 32 * WARPS;
+constexpr int MMA_M = 16;         // rows of one warp's share of a tile
+constexpr int TILE = 64 * d;      // floats in a shared tile (16 KB)
+constexpr int DQ_PARTIALS = 16;   // most dQ partial buffers in the deterministic backward
+constexpr float LOG2E = 1.4426950408889634f;
+
+static_assert(Br == WARPS * MMA_M && Bc == WARPS * MMA_M, "a warp owns 16 rows of a tile");
+static_assert(Br == Bc, "the causal diagonal of query tile i is key tile i");
+static_assert(d == 64, "a tile row is 16 chunks of 4 floats; 8 n-blocks of 8 columns");
+
+// --- shared tiles ------------------------------------------------------------------
+
+// Row r's 16-byte chunk c lives at chunk c ^ swizzle(r). swizzle(r) flips bit 2 between
+// rows 2k and 2k+1 and bits 1-2 across rows 0, 2, 4, 6: a float4 read of rows g, g + 1
+// (8 lanes) and a float read of rows 2t (+1) x 8 columns (32 lanes) both hit 32 banks.
+__device__ __forceinline__ int swizzle(int r) { return (((r >> 2) ^ r) & 1) << 2 | (r & 2); }
+__device__ __forceinline__ int at(int r, int c) { return r * d + ((((c >> 2) ^ swizzle(r)) << 2) | (c & 3)); }
+__device__ __forceinline__ float4 row4(const float* tile, int r, int c) {
+    return *reinterpret_cast<const float4*>(tile + at(r, c));
+}
+__device__ __forceinline__ float2 row2(const float* tile, int r, int c) {
+    return *reinterpret_cast<const float2*>(tile + at(r, c));
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+// Start copying rows row0 .. row0 + 63 of an (N, d) matrix into a tile; rows past N are zeros.
+__device__ __forceinline__ void load_tile_async(float* tile, const float* src, int row0, int N) {
+#pragma unroll
+    for (int idx = threadIdx.x; idx < 64 * 16; idx += THREADS) {
+        const int r = idx / 16, c = 4 * (idx % 16);
+        const bool inside = row0 + r < N;
+        const float* from = src + (int64_t)(inside ? row0 + r : 0) * d + c;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                     :: "r"(smem_addr(tile + at(r, c))), "l"(from), "r"(inside ? 16 : 0));
+    }
+}
+// Start copying x[row0 .. row0 + 63] (one float per row, zeros past N) into v[0 .. 63].
+__device__ __forceinline__ void load_row_values_async(float* v, const float* x, int row0, int N, int r) {
+    const bool inside = row0 + r < N;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n"
+                 :: "r"(smem_addr(v + r)), "l"(x + (inside ? row0 + r : 0)), "r"(inside ? 4 : 0));
+}
+
+// --- 3xTF32 tensor-core products ------------------------------------------------------
+
+struct FragA { uint32_t big[4], small[4]; };  // a 16 x 8 A operand, split
+struct FragB { uint32_t big[2], small[2]; };  // an 8 x 8 B operand, split
+
+__device__ __forceinline__ void split(float x, uint32_t& big, uint32_t& small) {
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(big) : "f"(x));
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(small) : "f"(x - __uint_as_float(big)));
+}
+// Lane (g = lane / 4, t = lane % 4) holds A[g][t], A[g + 8][t], A[g][t + 4], A[g + 8][t + 4].
+__device__ __forceinline__ FragA frag_a(float a0, float a1, float a2, float a3) {
+    FragA f;
+    split(a0, f.big[0], f.small[0]);
+    split(a1, f.big[1], f.small[1]);
+    split(a2, f.big[2], f.small[2]);
+    split(a3, f.big[3], f.small[3]);
+    return f;
+}
+// Lane (g, t) holds B[t][g] and B[t + 4][g].
+__device__ __forceinline__ FragB frag_b(float b0, float b1) {
+    FragB f;
+    split(b0, f.big[0], f.small[0]);
+    split(b1, f.big[1], f.small[1]);
+    return f;
+}
+
+// C (16 x 8) += A B in TF32; lane (g, t) holds C[g][2t], C[g][2t + 1], C[g + 8][2t], C[g + 8][2t + 1].
+__device__ __forceinline__ void mma_tf32(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+// C += A B in FP32 accuracy: the two small cross terms first, then the big product.
+__device__ __forceinline__ void mma_3xtf32(float (&c)[4], const FragA& a, const FragB& b) {
+    mma_tf32(c, a.small, b.big);
+    mma_tf32(c, a.big, b.small);
+    mma_tf32(c, a.big, b.big);
+}
+
+// A warp's share of a (16 rows) x 64 product is acc[8][4]: n-block nb holds columns
+// 8nb .. 8nb + 7, lane (g, t) the rows g and g + 8, columns 8nb + 2t and 8nb + 2t + 1.
+//
+// Staging: the tensor cores round their FP32 sums toward zero, so an accumulator that
+// takes hundreds of mma drifts (a bias of up to one unit in the last place per mma). The
+// products below sum at most 24 mma into a fresh accumulator, and the kernels add that to
+// their running sums (O, dK, dV, dQ) with FP32 adds, which round to nearest, as CUTLASS's
+// 3xTF32 GEMMs do.
+__device__ __forceinline__ void add_to(float (&acc)[8][4], const float (&x)[8][4]) {
+#pragma unroll
+    for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[nb][e] += x[nb][e];
+}
+
+// out = A Y, where A (16 x 64 over k) is in the accumulator layout (its columns are k) and
+// Y is a shared tile whose rows are k: one stage, to be added to an accumulator with FP32 adds.
+// k-chunks below kc_begin or from kc_end on are skipped (causal: pairs all hidden); in the
+// chunks kc_mixed and kc_mixed + 1 non-finite values of Y are read as 0, and the return value
+// says whether there were any.
+__device__ __forceinline__ bool mma_tile(float (&out)[8][4], const float (&a)[8][4], const float* Y,
+                                         int kc_begin, int kc_end, int kc_mixed) {
+    const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+    bool nonfinite = false;
+#pragma unroll
+    for (int nb = 0; nb < 8; ++nb) out[nb][0] = out[nb][1] = out[nb][2] = out[nb][3] = 0.f;
+#pragma unroll
+    for (int kc = 0; kc < 8; ++kc) {
+        if (kc < kc_begin || kc >= kc_end) continue;
+        // keys (or queries) 8kc + 2t and 8kc + 2t + 1 are this lane's k = t and t + 4
+        const FragA fa = frag_a(a[kc][0], a[kc][2], a[kc][1], a[kc][3]);
+        const bool mixed = kc == kc_mixed || kc == kc_mixed + 1;
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb) {
+            float y0 = Y[at(8 * kc + 2 * t, 8 * nb + g)], y1 = Y[at(8 * kc + 2 * t + 1, 8 * nb + g)];
+            if (mixed) {
+                nonfinite |= !isfinite(y0) || !isfinite(y1);
+                y0 = isfinite(y0) ? y0 : 0.f;
+                y1 = isfinite(y1) ? y1 : 0.f;
+            }
+            mma_3xtf32(out[nb], fa, frag_b(y0, y1));
+        }
+    }
+    return nonfinite;
+}
+
+// acc (16 rows x 64) = X (16 rows of a tile, from row x0) Z^T (Z: 64 rows of a tile), over d,
+// in two stages of 32. Column blocks outside [nb_begin, nb_end) are left at 0 (causal: hidden).
+__device__ __forceinline__ void mma_rows_tiles(float (&acc)[8][4], const float* X, int x0, const float* Z,
+                                               int nb_begin, int nb_end) {
+    const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+#pragma unroll
+    for (int nb = 0; nb < 8; ++nb) acc[nb][0] = acc[nb][1] = acc[nb][2] = acc[nb][3] = 0.f;
+#pragma unroll
+    for (int stage = 0; stage < d; stage += 32) {
+        float part[8][4] = {};
+#pragma unroll
+        for (int c = stage; c < stage + 32; c += 16) {
+            // d = c + 4t, c + 4t + 1 are k-chunk c/8's k = t, t + 4; c + 4t + 2, + 3 the next chunk's
+            const float4 lo = row4(X, x0 + g, c + 4 * t), hi = row4(X, x0 + g + 8, c + 4 * t);
+            const FragA a0 = frag_a(lo.x, hi.x, lo.y, hi.y), a1 = frag_a(lo.z, hi.z, lo.w, hi.w);
+#pragma unroll
+            for (int nb = 0; nb < 8; ++nb) {
+                if (nb < nb_begin || nb >= nb_end) continue;
+                const float4 z = row4(Z, 8 * nb + g, c + 4 * t);
+                mma_3xtf32(part[nb], a0, frag_b(z.x, z.y));
+                mma_3xtf32(part[nb], a1, frag_b(z.z, z.w));
+            }
+        }
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[nb][e] += part[nb][e];
+    }
+}
+
+// The rare path of the causal diagonal (see the section's header): a warp whose operand Y
+// held a non-finite value in its diagonal 16 x 16 block adds, for each of its outputs, the
+// products that mma_tile read as 0: coef(r, k) * Y[r0 + k][col] over the pairs (r, k) of
+// the block that are visible and have a non-finite Y. The warp's rows are r0 .. r0 + 15 and
+// so are the block's k; the coefficients (P or dS) are in the tile C with queries as rows.
+// Queries as the warp's rows (O, dQ): coef(r, k) = C[r0 + r][r0 + k], visible when k <= r.
+// Keys as the warp's rows (dV, dK): coef(r, k) = C[r0 + k][r0 + r], visible when k >= r.
+__device__ __forceinline__ void add_nonfinite_products(float (&acc)[8][4], const float* C, const float* Y,
+                                                       int r0, bool keys_are_rows) {
+    const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        const int r = g + 8 * (e / 2);
+        for (int k = 0; k < MMA_M; ++k) {
+            const bool visible = keys_are_rows ? k >= r : k <= r;
+            const float c = keys_are_rows ? C[at(r0 + k, r0 + r)] : C[at(r0 + r, r0 + k)];
+#pragma unroll
+            for (int nb = 0; nb < 8; ++nb) {
+                const float y = Y[at(r0 + k, 8 * nb + 2 * t + e % 2)];
+                if (visible && !isfinite(y)) acc[nb][e] += c * y;
+            }
+        }
+    }
+}
+
+// Write a warp's 16 x 64 accumulator fragment into rows r0 .. r0 + 15 of a tile.
+__device__ __forceinline__ void store_rows(float* tile, const float (&acc)[8][4], int r0) {
+    const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+#pragma unroll
+    for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) tile[at(r0 + g + 8 * (e / 2), 8 * nb + 2 * t + e % 2)] = acc[nb][e];
+}
+// Write a warp's 16 x 64 accumulator fragment into the columns r0 .. r0 + 15 of a tile (the
+// fragment's rows become the tile's columns).
+__device__ __forceinline__ void store_transposed(float* tile, const float (&acc)[8][4], int r0) {
+    const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+#pragma unroll
+    for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) tile[at(8 * nb + 2 * t + e % 2, r0 + g + 8 * (e / 2))] = acc[nb][e];
+}
+// Read the columns r0 .. r0 + 15 of a tile into a 16 x 64 accumulator fragment (the inverse).
+__device__ __forceinline__ void load_transposed(float (&acc)[8][4], const float* tile, int r0) {
+    const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+#pragma unroll
+    for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[nb][e] = tile[at(8 * nb + 2 * t + e % 2, r0 + g + 8 * (e / 2))];
+}
+
+// 2^x in one instruction (MUFU.EX2: relative error below 2^-22; results below 2^-126 flush
+// to 0, which a probability that small is anyway). exp2f adds a denormal range fix-up.
+__device__ __forceinline__ float exp2_approx(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// Whether the key `key` is hidden from the query `row` (past Nk, past Nq, or causal).
+__device__ __forceinline__ bool hidden_pair(int row, int key, int Nq, int Nk, bool causal) {
+    return row >= Nq || key >= Nk || (causal && key > row);
+}
+
+// *p += v for two floats, atomically (one vector atomic on sm_90, two before).
+__device__ __forceinline__ void atomic_add2(float2* p, float2 v) {
+#if __CUDA_ARCH__ >= 900
+    atomicAdd(p, v);
+#else
+    atomicAdd(&p->x, v.x);
+    atomicAdd(&p->y, v.y);
+#endif
+}
+
+// -----------------------------------------------------------------------------
+// Fast forward: Algorithm 1 (FlashAttention-2 loop order), 64 x 64 tiles
+// -----------------------------------------------------------------------------
+// One block per (query tile i, batch * head); the query tiles with the most work (causal:
+// the last ones) are launched first. Warp w owns query rows 64i + 16w .. 64i + 16w + 15.
+//   line 8  (load Q_i)                 : cp.async, with K_0 and V_0
+//   line 5  (for j)                    : the j loop; causal stops at the diagonal tile j = i
+//   line 6  (load K_j, V_j)            : cp.async into one of two stages; j + 1 loads during j
+//   line 9  (S_ij = scale Q_i K_j^T)   : s[8][4], times scale * log2(e): exp2 replaces exp
+//   lines 10-11 (online softmax)       : row max over the 4 lanes of a row, alpha, l_i
+//   line 12 (O_i = alpha O_i + P V_j)  : o[8][4]; P is s[][] as it is (see the header)
+//   line 13 (L_i = m_i + log l_i)      : after the loop, with 1/l_i applied to O_i once
+__global__ void __launch_bounds__(THREADS)
+forward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const float* __restrict__ V,
+               float* __restrict__ O, float* __restrict__ L, int64_t BH, int Nq, int Nk,
+               float softmax_scale, bool causal) {
+    extern __shared__ __align__(16) float smem[];
+    float* Qs = smem;                                // Q_i
+    // Two stages of K_j, V_j: stage st holds K_j at smem + (1 + 2 st) TILE, V_j right after.
+    auto Kj = [&](int st) { return smem + (1 + 2 * st) * TILE; };
+    auto Vj = [&](int st) { return smem + (2 + 2 * st) * TILE; };
+
+    const int Tr = cdiv(Nq, Br), Tc = cdiv(Nk, Bc);
+    const int i = Tr - 1 - (int)(blockIdx.x / BH);  // query tile
+    const int64_t bh = blockIdx.x % BH;
+    Q += bh * Nq * d;
+    K += bh * Nk * d;
+    V += bh * Nk * d;
+    O += bh * Nq * d;
+    L += bh * Nq;
+
+    const int w = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+    const int r0 = MMA_M * w;                       // the warp's first row in the tile
+    const float scale_log2 = softmax_scale * LOG2E;
+
+    const int last_row = min((i + 1) * Br, Nq) - 1;
+    const int Tc_end = causal ? min(Tc, last_row / Bc + 1) : Tc;
+    load_tile_async(Qs, Q, i * Br, Nq);             // line 8
+    load_tile_async(Kj(0), K, 0, Nk);               // line 6 for j = 0
+    load_tile_async(Vj(0), V, 0, Nk);
+    cp_async_commit();
+
+    float o[8][4] = {};                             // O_i, unnormalized
+    float m[2] = {-INFINITY, -INFINITY};            // line 2: running max of rows g, g + 8 (base 2)
+    float l[2] = {0.f, 0.f};                        // line 2: this lane's part of their sums
+
+    for (int j = 0; j < Tc_end; ++j) {              // line 5
+        cp_async_wait_all();
+        __syncthreads();                            // K_j, V_j landed; all warps are done with j - 1's stage
+        if (j + 1 < Tc_end) {                       // line 6 for j + 1, while j is computed
+            load_tile_async(Kj((j + 1) % 2), K, (j + 1) * Bc, Nk);
+            load_tile_async(Vj((j + 1) % 2), V, (j + 1) * Bc, Nk);
+            cp_async_commit();
+        }
+        const float* Ks = Kj(j % 2);
+        const float* Vs = Vj(j % 2);
+        const bool diagonal = causal && j == i;     // keys 16w + 16 .. 63 are hidden from warp w
+        const int nb_end = diagonal ? 2 * w + 2 : 8;
+
+        // line 9: S_ij = Q_i K_j^T, 16 x 64 per warp; in base-2 units; hidden keys get -inf
+        float s[8][4];
+        mma_rows_tiles(s, Qs, r0, Ks, 0, nb_end);
+        const bool edge = diagonal || (j + 1) * Bc > Nk;
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int row = i * Br + r0 + g + 8 * (e / 2), key = j * Bc + 8 * nb + 2 * t + e % 2;
+                s[nb][e] = edge && hidden_pair(row, key, INT32_MAX, Nk, causal) ? -INFINITY
+                                                                                : s[nb][e] * scale_log2;
+            }
+
+        // lines 10-11: online softmax. Key 0 is in tile 0 and no row hides it, so m is finite
+        // from the first tile on, and exp2(-inf - m) = 0 for hidden keys.
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float row_max = m[h];
+#pragma unroll
+            for (int nb = 0; nb < 8; ++nb) row_max = fmaxf(row_max, fmaxf(s[nb][2 * h], s[nb][2 * h + 1]));
+            row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffffu, row_max, 1));  // the 4 lanes of a row
+            row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffffu, row_max, 2));
+            const float alpha = exp2_approx(m[h] - row_max);
+            m[h] = row_max;
+            l[h] *= alpha;
+#pragma unroll
+            for (int nb = 0; nb < 8; ++nb) {
+                s[nb][2 * h] = exp2_approx(s[nb][2 * h] - row_max);          // P~_ij
+                s[nb][2 * h + 1] = exp2_approx(s[nb][2 * h + 1] - row_max);
+                l[h] += s[nb][2 * h] + s[nb][2 * h + 1];
+                o[nb][2 * h] *= alpha;
+                o[nb][2 * h + 1] *= alpha;
+            }
+        }
+
+        // line 12: O_i += P~_ij V_j (alpha applied above)
+        float pv[8][4];
+        const bool nonfinite = mma_tile(pv, s, Vs, 0, nb_end, diagonal ? 2 * w : -2);
+        add_to(o, pv);
+        if (diagonal && __any_sync(0xffffffffu, nonfinite)) {
+            // The diagonal tile is the last one: the other stage's K buffer is free for P.
+            float* P = Kj((j + 1) % 2);
+            store_rows(P, s, r0);
+            __syncwarp();
+            add_nonfinite_products(o, P, Vs, r0, false);
+        }
+    }
+
+    // line 12's 1/l_i and line 13: write O_i and L_i = m_i + log(l_i) (natural log)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        float l_row = l[h] + __shfl_xor_sync(0xffffffffu, l[h], 1);
+        l_row += __shfl_xor_sync(0xffffffffu, l_row, 2);
+        const int row = i * Br + r0 + g + 8 * h;
+        if (row >= Nq) continue;
+        const float inv_l = 1.f / l_row;
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb)
+            *reinterpret_cast<float2*>(O + (int64_t)row * d + 8 * nb + 2 * t) =
+                make_float2(o[nb][2 * h] * inv_l, o[nb][2 * h + 1] * inv_l);
+        if (t == 0) L[row] = m[h] / LOG2E + logf(l_row);
+    }
+}
+
+// -----------------------------------------------------------------------------
+// Fast backward: Algorithm 2 (FlashAttention-2 loop order), 64 x 64 tiles
+// -----------------------------------------------------------------------------
+// grid = slots * B * H blocks. Block `slot` of a head handles key tiles j in rounds: round
+// n takes j = n * slots + slot for even n and n * slots + slots - 1 - slot for odd n (a
+// zigzag, so that causal work, which falls with j, evens out). slots = Tc by default (one
+// key tile per block); slots = P = min(Tc, DQ_PARTIALS) in the deterministic mode, where
+// block p adds dQ into its own partial buffer. Warp w owns keys 64j + 16w .. + 15 for
+// dK_j and dV_j, and queries 64i + 16w .. + 15 for dQ_i.
+//   line 7  (load K_j, V_j)             : cp.async, once per j
+//   line 8  (dK_j = dV_j = 0)           : dk[8][4], dv[8][4] in registers
+//   line 9  (for i)                     : causal starts at i = j, the diagonal tile
+//   line 10 (load Q_i, dO_i, L_i, D_i)  : cp.async into one of two stages; i + 1 loads during i
+//   line 11 (S_ij^T = K_j Q_i^T)        : s[8][4]: keys as rows, queries as columns
+//   line 13 (P_ij = exp(S_ij - L_i))    : in place in s, from the saved logsumexp
+//   line 16 (dV_j += P_ij^T dO_i)       : as soon as P is known; P^T waits in dSs
+//   line 17 (dP_ij^T = V_j dO_i^T)      : into s, now free
+//   lines 19-20 (dS = P (dP - D_i))     : in place in s, then into shared memory (dSs)
+//   line 22 (dK_j += dS_ij^T Q_i)       : dk, scaled at the end
+//   line 21 (dQ_i += scale dS_ij K_j)   : each warp takes 16 queries, all 64 keys from dSs;
+//                                         atomicAdd of float2, or plain adds into the block's
+//                                         partial buffer
+//   line 24 (write dK_j, dV_j)          : after the i loop
+__global__ void __launch_bounds__(THREADS)
+backward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const float* __restrict__ V,
+                const float* __restrict__ dO, const float* __restrict__ L, const float* __restrict__ D,
+                float* __restrict__ dQ, float* __restrict__ dQ_partial, float* __restrict__ dK,
+                float* __restrict__ dV, int64_t BH, int Nq, int Nk, int slots, float softmax_scale,
+                bool causal) {
+    extern __shared__ __align__(16) float smem[];
+    float* Ks = smem;                               // K_j
+    float* Vs = smem + TILE;                        // V_j
+    float* dSs = smem + 2 * TILE;                   // dS_ij, queries as rows
+    // Two stages of Q_i, dO_i, L_i, D_i: stage st holds Q_i, then dO_i, then L_i and D_i
+    // at the end of the shared memory.
+    auto Qi = [&](int st) { return smem + (3 + 2 * st) * TILE; };
+    auto dOi = [&](int st) { return smem + (4 + 2 * st) * TILE; };
+    auto Li = [&](int st) { return smem + 7 * TILE + 2 * st * Br; };
+    auto Di = [&](int st) { return smem + 7 * TILE + (2 * st + 1) * Br; };
+
+    const int Tr = cdiv(Nq, Br), Tc = cdiv(Nk, Bc);
+    const int slot = (int)(blockIdx.x / BH);
+    const int64_t bh = blockIdx.x % BH;
+    Q += bh * Nq * d;
+    K += bh * Nk * d;
+    V += bh * Nk * d;
+    dO += bh * Nq * d;
+    L += bh * Nq;
+    D += bh * Nq;
+    dK += bh * Nk * d;
+    dV += bh * Nk * d;
+    float* dQ_out = dQ_partial ? dQ_partial + (slot * BH + bh) * Nq * d : dQ + bh * Nq * d;
+
+    const int w = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+    const int r0 = MMA_M * w;
+    const float scale_log2 = softmax_scale * LOG2E;
+
+    // Start loading tile i of Q, dO, L, D into stage `st`.
+    auto load_query_tile = [&](int i, int st) {
+        load_tile_async(Qi(st), Q, i * Br, Nq);
+        load_tile_async(dOi(st), dO, i * Br, Nq);
+        if (threadIdx.x < Br) load_row_values_async(Li(st), L, i * Br, Nq, threadIdx.x);
+        else load_row_values_async(Di(st), D, i * Br, Nq, threadIdx.x - Br);
+    };
+
+    for (int round = 0; round * slots < Tc; ++round) {
+        const int j = round * slots + (round % 2 == 0 ? slot : slots - 1 - slot);   // line 6
+        if (j >= Tc) continue;
+        const int i_start = causal ? j : 0;         // queries before tile j see none of its keys
+        float dk[8][4] = {}, dv[8][4] = {};         // line 8
+
+        if (i_start < Tr) {
+            __syncthreads();                        // the previous round is done with K_j, V_j
+            load_tile_async(Ks, K, j * Bc, Nk);     // line 7
+            load_tile_async(Vs, V, j * Bc, Nk);
+            load_query_tile(i_start, 0);
+            cp_async_commit();
+        }
+        for (int i = i_start; i < Tr; ++i) {        // line 9
+            const int st = (i - i_start) % 2;
+            cp_async_wait_all();
+            __syncthreads();                        // tile i landed; all warps are done with i - 1 (its stage, dSs)
+            if (i + 1 < Tr) {                       // line 10 for i + 1, while i is computed
+                load_query_tile(i + 1, 1 - st);
+                cp_async_commit();
+            }
+            const float* Qs = Qi(st);
+            const float* dOs = dOi(st);
+            const float* Ls = Li(st);
+            const float* Ds = Di(st);
+            // Causal, tile i = j: queries 0 .. 16w - 1 of the tile are hidden from all keys of
+            // warp w (column blocks < 2w), and keys 16w + 16 .. 63 from its queries.
+            const bool diagonal = causal && i == j;
+            const int first = diagonal ? 2 * w : 0;
+            const int mixed = diagonal ? 2 * w : -2;
+
+            // line 11: S^T = K_j Q_i^T; line 13: P = exp2(S scale log2(e) - L log2(e)), 0 if hidden
+            const bool edge = diagonal || (i + 1) * Br > Nq || (j + 1) * Bc > Nk;
+            float s[8][4], part[8][4];
+            mma_rows_tiles(s, Ks, r0, Qs, first, 8);
+#pragma unroll
+            for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int col = 8 * nb + 2 * t + e % 2;                 // query in the tile
+                    const int key = j * Bc + r0 + g + 8 * (e / 2);
+                    const bool hidden = edge && hidden_pair(i * Br + col, key, Nq, Nk, causal);
+                    s[nb][e] = hidden ? 0.f : exp2_approx(s[nb][e] * scale_log2 - Ls[col] * LOG2E);
+                }
+            store_transposed(dSs, s, r0);           // P^T, kept in the warp's columns of dSs until dS
+            __syncwarp();
+
+            // line 16: dV_j += P^T dO_i (the sum runs over the tile's queries)
+            const bool bad_dO = mma_tile(part, s, dOs, first, 8, mixed);
+            add_to(dv, part);
+            if (diagonal && __any_sync(0xffffffffu, bad_dO)) add_nonfinite_products(dv, dSs, dOs, r0, true);
+
+            // line 17: dP^T = V_j dO_i^T; lines 19-20: dS = P (dP - D), 0 if hidden
+            mma_rows_tiles(s, Vs, r0, dOs, first, 8);
+#pragma unroll
+            for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {  // a pair with P = 0 (hidden ones too) gets dS = 0, never 0 * NaN
+                    const int col = 8 * nb + 2 * t + e % 2;
+                    const float p = dSs[at(col, r0 + g + 8 * (e / 2))];   // P^T, as this lane stored it
+                    s[nb][e] = p == 0.f ? 0.f : p * (s[nb][e] - Ds[col]);
+                }
+            __syncwarp();                           // all lanes have read P before dS replaces it
+            store_transposed(dSs, s, r0);           // dS_ij, for lines 21 and 22
+            __syncwarp();
+
+            // line 22: dK_j += dS^T Q_i
+            const bool bad_Q = mma_tile(part, s, Qs, first, 8, mixed);
+            add_to(dk, part);
+            if (diagonal && __any_sync(0xffffffffu, bad_Q)) add_nonfinite_products(dk, dSs, Qs, r0, true);
+            __syncthreads();                        // dS_ij is complete in dSs
+
+            // line 21: dQ_i += scale dS_ij K_j for the warp's 16 queries (rows r0 .. r0 + 15)
+            float dq[8][4];
+#pragma unroll
+            for (int kc = 0; kc < 8; ++kc) {        // dS rows in the accumulator layout
+                const float2 lo = row2(dSs, r0 + g, 8 * kc + 2 * t), hi = row2(dSs, r0 + g + 8, 8 * kc + 2 * t);
+                s[kc][0] = lo.x; s[kc][1] = lo.y; s[kc][2] = hi.x; s[kc][3] = hi.y;
+            }
+            const bool bad_K = mma_tile(dq, s, Ks, 0, diagonal ? 2 * w + 2 : 8, mixed);
+            if (diagonal && __any_sync(0xffffffffu, bad_K))
+                add_nonfinite_products(dq, dSs, Ks, r0, false);
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int row = i * Br + r0 + g + 8 * h;
+                if (row >= Nq) continue;
+#pragma unroll
+                for (int nb = 0; nb < 8; ++nb) {
+                    float2* out = reinterpret_cast<float2*>(dQ_out + (int64_t)row * d + 8 * nb + 2 * t);
+                    const float2 add = make_float2(softmax_scale * dq[nb][2 * h], softmax_scale * dq[nb][2 * h + 1]);
+                    if (dQ_partial) {
+                        // Only this block writes this buffer, and only this lane these two floats:
+                        // a plain read-modify-write, in the block's fixed order of j.
+                        const float2 old = *out;
+                        *out = make_float2(old.x + add.x, old.y + add.y);
+                    } else {
+                        atomic_add2(out, add);
+                    }
+                }
+            }
+        }
+
+        // line 24: write dK_j (times the scale, once) and dV_j; zero for keys no query sees
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int key = j * Bc + r0 + g + 8 * h;
+            if (key >= Nk) continue;
+#pragma unroll
+            for (int nb = 0; nb < 8; ++nb) {
+                const int64_t off = (int64_t)key * d + 8 * nb + 2 * t;
+                *reinterpret_cast<float2*>(dK + off) =
+                    make_float2(softmax_scale * dk[nb][2 * h], softmax_scale * dk[nb][2 * h + 1]);
+                *reinterpret_cast<float2*>(dV + off) = make_float2(dv[nb][2 * h], dv[nb][2 * h + 1]);
+            }
+        }
+    }
+}
+
+}  // namespace fast
+
 // -----------------------------------------------------------------------------
 // Host launchers (plain CUDA: pointers in, error code out; every launch is checked)
 // -----------------------------------------------------------------------------
 // All tensors are contiguous, float32 and 16-byte aligned; BH = B * H.
 
-// How many dQ partial buffers the deterministic backward uses: P = min(Tc, DQ_PARTIALS).
-int dq_partials(int Nk) { return Nk == 0 ? 0 : std::min(cdiv(Nk, Bc), DQ_PARTIALS); }
+enum class Kernel { fast, tutorial };
+
+// How many dQ partial buffers the deterministic backward uses: P = min(Tc, DQ_PARTIALS),
+// Tc = the number of key tiles (of 64 keys for the fast kernels, 16 for the tutorial ones).
+int dq_partials(int Nk, Kernel kernel) {
+    if (Nk == 0) return 0;
+    return kernel == Kernel::fast ? std::min(cdiv(Nk, fast::Bc), fast::DQ_PARTIALS)
+                                  : std::min(cdiv(Nk, Bc), DQ_PARTIALS);
+}
+
+constexpr size_t FAST_FORWARD_SMEM = 5 * fast::TILE * sizeof(float);  // Q_i; K_j, V_j twice: 80 KB
+constexpr size_t FAST_BACKWARD_SMEM =                                  // 7 tiles and L_i, D_i: 113 KB
+    (7 * fast::TILE + 4 * fast::Br) * sizeof(float);
 
 cudaError_t forward(const float* q, const float* k, const float* v, float* o, float* L,
-                    int64_t BH, int Nq, int Nk, float softmax_scale, bool causal,
+                    int64_t BH, int Nq, int Nk, float softmax_scale, bool causal, Kernel kernel,
                     cudaStream_t stream) {
     if (BH == 0 || Nq == 0) return cudaSuccess;
-    const int64_t blocks = BH * cdiv(Nq, Br);
+    if (kernel == Kernel::tutorial) {
+        const int64_t blocks = BH * cdiv(Nq, Br);
+        if (blocks > INT32_MAX) return cudaErrorInvalidConfiguration;
+        flash_forward_kernel<<<(unsigned)blocks, THREADS, 0, stream>>>(q, k, v, o, L, Nq, Nk,
+                                                                       softmax_scale, causal);
+        return cudaGetLastError();
+    }
+    const int64_t blocks = BH * cdiv(Nq, fast::Br);
     if (blocks > INT32_MAX) return cudaErrorInvalidConfiguration;
-    flash_forward_kernel<<<(unsigned)blocks, THREADS, 0, stream>>>(q, k, v, o, L, Nq, Nk,
-                                                                   softmax_scale, causal);
+    cudaError_t err = cudaFuncSetAttribute(fast::forward_kernel,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           (int)FAST_FORWARD_SMEM);
+    if (err != cudaSuccess) return err;
+    fast::forward_kernel<<<(unsigned)blocks, fast::THREADS, FAST_FORWARD_SMEM, stream>>>(
+        q, k, v, o, L, BH, Nq, Nk, softmax_scale, causal);
     return cudaGetLastError();
 }
 
-// dq must be zeroed in the default mode; dq_partial (P * BH * Nq * d floats, zeroed)
-// selects the deterministic mode when it is not null.
+// dq must be zeroed in the default mode; dq_partial (P * BH * Nq * d floats, zeroed, with
+// P = dq_partials(Nk, kernel)) selects the deterministic mode when it is not null.
 cudaError_t backward(const float* dout, const float* q, const float* k, const float* v,
                      const float* o, const float* L, float* D, float* dq, float* dq_partial,
                      float* dk, float* dv, int64_t BH, int Nq, int Nk, float softmax_scale,
-                     bool causal, cudaStream_t stream) {
+                     bool causal, Kernel kernel, cudaStream_t stream) {
     if (BH == 0 || Nk == 0) return cudaSuccess;
-    const int64_t Tr = cdiv(Nq, Br), Tc = cdiv(Nk, Bc);
-    if (BH * Tr > INT32_MAX || BH * Tc > INT32_MAX) return cudaErrorInvalidConfiguration;
+    const int64_t Tr = cdiv(Nq, Br);
+    const int Tc = kernel == Kernel::fast ? cdiv(Nk, fast::Bc) : cdiv(Nk, Bc);
+    const int slots = dq_partial ? dq_partials(Nk, kernel) : Tc;
+    if (BH * Tr > INT32_MAX || BH * slots > INT32_MAX) return cudaErrorInvalidConfiguration;
     if (Nq > 0) {
         flash_backward_preprocess<<<(unsigned)(BH * Tr), THREADS, 0, stream>>>(dout, o, D, Nq);
         cudaError_t err = cudaGetLastError();
         if (err != cudaSuccess) return err;
     }
-    const int slots = dq_partial ? dq_partials(Nk) : (int)Tc;
-    flash_backward_kernel<<<(unsigned)(BH * slots), THREADS, 0, stream>>>(
-        q, k, v, dout, L, D, dq, dq_partial, dk, dv, BH, Nq, Nk, slots, softmax_scale, causal);
+    if (kernel == Kernel::tutorial) {
+        flash_backward_kernel<<<(unsigned)(BH * slots), THREADS, 0, stream>>>(
+            q, k, v, dout, L, D, dq, dq_partial, dk, dv, BH, Nq, Nk, slots, softmax_scale, causal);
+    } else {
+        cudaError_t err = cudaFuncSetAttribute(fast::backward_kernel,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               (int)FAST_BACKWARD_SMEM);
+        if (err != cudaSuccess) return err;
+        fast::backward_kernel<<<(unsigned)(BH * slots), fast::THREADS, FAST_BACKWARD_SMEM, stream>>>(
+            q, k, v, dout, L, D, dq, dq_partial, dk, dv, BH, Nq, Nk, slots, softmax_scale, causal);
+    }
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess || !dq_partial || Nq == 0) return err;
 
@@ -462,8 +1074,14 @@ void check_tensor(const at::Tensor& t, const char* name, int64_t dim) {
                 " must be 16-byte aligned");
 }
 
+flash::Kernel kernel_named(const std::string& name) {
+    TORCH_CHECK(name == "fast" || name == "tutorial", "kernel must be \"fast\" or \"tutorial\", got \"",
+                name, "\"");
+    return name == "fast" ? flash::Kernel::fast : flash::Kernel::tutorial;
+}
+
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                bool causal, double softmax_scale) {
+                                bool causal, double softmax_scale, const std::string& kernel) {
     check_tensor(q, "q", 4);
     check_tensor(k, "k", 4);
     check_tensor(v, "v", 4);
@@ -477,14 +1095,15 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
     C10_CUDA_CHECK(flash::forward(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
                                   o.data_ptr<float>(), L.data_ptr<float>(),
                                   q.size(0) * q.size(1), q.size(2), k.size(2),
-                                  (float)softmax_scale, causal,
+                                  (float)softmax_scale, causal, kernel_named(kernel),
                                   at::cuda::getCurrentCUDAStream()));
     return {o, L};
 }
 
 std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                                  const at::Tensor& v, const at::Tensor& o, const at::Tensor& L,
-                                 bool causal, double softmax_scale, bool deterministic) {
+                                 bool causal, double softmax_scale, bool deterministic,
+                                 const std::string& kernel) {
     check_tensor(dout, "dout", 4);
     check_tensor(q, "q", 4);
     check_tensor(k, "k", 4);
@@ -502,12 +1121,13 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q, co
     auto D = at::empty_like(L);
     at::Tensor dq_partial;
     if (deterministic)
-        dq_partial = at::zeros({flash::dq_partials(Nk), BH, Nq, flash::d}, q.options());
+        dq_partial = at::zeros({flash::dq_partials(Nk, kernel_named(kernel)), BH, Nq, flash::d},
+                               q.options());
     C10_CUDA_CHECK(flash::backward(
         dout.data_ptr<float>(), q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
         o.data_ptr<float>(), L.data_ptr<float>(), D.data_ptr<float>(), dq.data_ptr<float>(),
         deterministic ? dq_partial.data_ptr<float>() : nullptr, dk.data_ptr<float>(),
-        dv.data_ptr<float>(), BH, Nq, Nk, (float)softmax_scale, causal,
+        dv.data_ptr<float>(), BH, Nq, Nk, (float)softmax_scale, causal, kernel_named(kernel),
         at::cuda::getCurrentCUDAStream()));
     return {dq, dk, dv};
 }
@@ -516,11 +1136,11 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q, co
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "CUDA kernels of flash_attention.py (see flash_attention.cu)";
-    m.def("forward", &forward, "O, L = forward(q, k, v, causal, softmax_scale)");
+    m.def("forward", &forward, "O, L = forward(q, k, v, causal, softmax_scale, kernel)");
     m.def("backward", &backward,
-          "dq, dk, dv = backward(dout, q, k, v, out, L, causal, softmax_scale, deterministic)");
-    m.attr("DQ_PARTIALS") = flash::DQ_PARTIALS;
-    m.attr("Br") = flash::Br;
-    m.attr("Bc") = flash::Bc;
+          "dq, dk, dv = backward(dout, q, k, v, out, L, causal, softmax_scale, deterministic, kernel)");
+    m.def("dq_partials", [](int Nk, const std::string& kernel) {
+        return flash::dq_partials(Nk, kernel_named(kernel));
+    }, "P, the number of dQ partial buffers of the deterministic backward");
 }
 #endif  // FLASH_ATTENTION_WITH_TORCH

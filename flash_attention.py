@@ -30,19 +30,21 @@ from torch import Tensor, nn
 __all__ = ["flash_attention", "FlashAttention"]
 
 HEAD_DIM = 64  # the only head dimension the kernels are built for
-Br = 16  # query rows in a tile
-Bc = 16  # key/value rows in a tile
+Br = 16  # query rows in a tile of the reference and the tutorial kernels
+Bc = 16  # key/value rows in a tile of the reference and the tutorial kernels
 DQ_PARTIALS = 16  # most dQ partial buffers of the deterministic backward
-KERNELS = ("tutorial",)  # the kernel families of flash_attention.cu; the first is the default
+KERNELS = ("fast", "tutorial")  # the kernel families of flash_attention.cu; the first is the default
+KEY_TILE = {"fast": 64, "tutorial": Bc}  # keys in a tile of each kernel family
 
 
-def dq_partials(Nk: int) -> int:
+def dq_partials(Nk: int, kernel: str = "tutorial") -> int:
     """Number P of dQ partial buffers the deterministic backward uses: min(Tc, DQ_PARTIALS).
 
-    It depends only on Nk and the tile size. The deterministic backward's extra memory
-    is P * B * H * Nq * 64 float32 values (4 bytes each).
+    Tc = ceil(Nk / tile) is the number of key tiles: 64 keys for the fast kernels, 16 for
+    the tutorial kernels and the reference. P depends only on Nk and the tile size. The
+    deterministic backward's extra memory is P * B * H * Nq * 64 float32 values (4 bytes each).
     """
-    return min(math.ceil(Nk / Bc), DQ_PARTIALS)
+    return min(math.ceil(Nk / KEY_TILE[kernel]), DQ_PARTIALS)
 
 
 # ----------------------------------------------------------------------------------------
@@ -220,7 +222,7 @@ def _forward_op(
 
 @_forward_op.register_kernel("cuda")
 def _forward_cuda(q, k, v, causal, softmax_scale, deterministic, kernel):
-    O, L = _extension().forward(_for_kernel(q), _for_kernel(k), _for_kernel(v), causal, softmax_scale)
+    O, L = _extension().forward(_for_kernel(q), _for_kernel(k), _for_kernel(v), causal, softmax_scale, kernel)
     return O, L
 
 
@@ -248,7 +250,7 @@ def _backward_op(
 @_backward_op.register_kernel("cuda")
 def _backward_cuda(dout, q, k, v, out, L, causal, softmax_scale, deterministic, kernel):
     args = [_for_kernel(t) for t in (dout, q, k, v, out, L)]
-    dq, dk, dv = _extension().backward(*args, causal, softmax_scale, deterministic)
+    dq, dk, dv = _extension().backward(*args, causal, softmax_scale, deterministic, kernel)
     return dq, dk, dv
 
 
