@@ -11,22 +11,31 @@
 //             thread block per key/value tile walks the query tiles, builds dK_j
 //             and dV_j in registers (no atomics) and adds its share of dQ_i.
 //
-// Kernels (the "tutorial" kernels: 16x16 tiles, 256 threads)
-//   flash_forward_kernel       Alg. 1: O = softmax(scale * Q K^T) V, and L = rowwise logsumexp
-//   flash_backward_preprocess  D = rowsum(dO * O), one value per query row
-//   flash_backward_kernel      Alg. 2: dK, dV per key tile; dQ by atomicAdd (default) or,
-//                              deterministic, into per-block partial buffers
-//   dq_partials_sum_kernel     deterministic mode: dQ = sum of the partial buffers, in order
+// Kernels
+//   The "tutorial" kernels (kernel="tutorial"): 16x16 tiles, 256 threads, plain FP32 FMAs;
+//   each block of code names the line of Algorithm 1 or 2 it implements.
+//     flash_forward_kernel       Alg. 1: O = softmax(scale * Q K^T) V, and L = rowwise logsumexp
+//     flash_backward_preprocess  D = rowsum(dO * O), one value per query row
+//     flash_backward_kernel      Alg. 2: dK, dV per key tile; dQ by atomicAdd (default) or,
+//                                deterministic, into per-block partial buffers
+//     dq_partials_sum_kernel     deterministic mode: dQ = sum of the partial buffers, in order
+//   The fast kernels (namespace fast, kernel="fast", the default): the same algorithm, the
+//   same loop order and the same determinism, on 64x64 tiles with the tensor cores in
+//   FP32 accuracy (3xTF32); their section explains each step that makes them fast.
+//     fast::forward_kernel, fast::backward_kernel, with the same preprocess and sum kernels.
 //
 // Determinism
 //   The forward is always deterministic: one block owns a query tile and walks the key
 //   tiles j = 0, 1, ... in order. The default backward adds dQ_i with atomicAdd, so the
 //   order of the additions (and the last bits of dQ) changes from run to run. The
 //   deterministic backward launches P = min(Tc, DQ_PARTIALS) blocks per (batch, head);
-//   block p handles key tiles p, p + P, p + 2P, ... and adds its dQ contributions, with
-//   plain loads and stores, into its own buffer dQ_partial[p]; a last kernel sums the
-//   P buffers in the order p = 0, 1, ..., P-1. P depends only on Nk and Bc, so the
-//   result depends neither on B, H nor on the GPU. Extra memory: P * B * H * Nq * 64 floats.
+//   block p handles key tiles p, p + P, p + 2P, ... (fast kernels: in a zigzag order of
+//   rounds) and writes its dQ contributions into its own buffer dQ_partial[p], which no
+//   other block touches: stored in its first round, added in the later ones, in the block's
+//   own order. A last kernel sums the P buffers in the order p = 0, 1, ..., P-1. P depends
+//   only on Nk and the tile size, so the result depends neither on B, H nor on the GPU.
+//   Extra memory: P * B * H * Nq * 64 floats, P = min(ceil(Nk / 16), 16) for the tutorial
+//   kernels and min(ceil(Nk / 64), 16) for the fast ones.
 //
 // Build and test
 //   ./install.sh && ./test_installation.sh     (the Python extension, then every test)
@@ -273,8 +282,8 @@ flash_backward_kernel(const float* __restrict__ Q,   // (B, H, Nq, d)
                       const float* __restrict__ dO,  // (B, H, Nq, d)
                       const float* __restrict__ L,   // (B, H, Nq)
                       const float* __restrict__ D,   // (B, H, Nq)
-                      float* __restrict__ dQ,        // (B, H, Nq, d), zeroed; or nullptr
-                      float* __restrict__ dQ_partial,// (P, B, H, Nq, d), zeroed; or nullptr
+                      float* __restrict__ dQ,        // (B, H, Nq, d), zeroed (default mode)
+                      float* __restrict__ dQ_partial,// (P, B, H, Nq, d), or nullptr
                       float* __restrict__ dK,        // (B, H, Nk, d)
                       float* __restrict__ dV,        // (B, H, Nk, d)
                       int64_t BH, int Nq, int Nk, int slots, float softmax_scale, bool causal) {
@@ -351,10 +360,11 @@ flash_backward_kernel(const float* __restrict__ Q,   // (B, H, Nq, d)
                 float* out = dQ_out + (int64_t)row * d + 4 * c;
                 if (dQ_partial) {
                     // Only this block writes this buffer, and only this thread this float4:
-                    // a plain read-modify-write, in the order j = slot, slot + slots, ...
-                    float4 old = *reinterpret_cast<float4*>(out);
-                    fma4(old, softmax_scale, dq);
-                    *reinterpret_cast<float4*>(out) = old;
+                    // a plain store in its first round (j = slot), which wrote every query
+                    // tile from i_start on, then a read-modify-write, j = slot + slots, ...
+                    float4 sum = j == slot ? make_float4(0.f, 0.f, 0.f, 0.f) : *reinterpret_cast<float4*>(out);
+                    fma4(sum, softmax_scale, dq);
+                    *reinterpret_cast<float4*>(out) = sum;
                 } else {
                     atomicAdd(out + 0, softmax_scale * dq.x);
                     atomicAdd(out + 1, softmax_scale * dq.y);
@@ -377,13 +387,19 @@ flash_backward_kernel(const float* __restrict__ Q,   // (B, H, Nq, d)
 }
 
 // Deterministic mode: dQ = dQ_partial[0] + dQ_partial[1] + ... + dQ_partial[P-1], in that order.
+// Block p's first key tile is j = p, and in that round it stores its share of every query tile
+// it reaches: all of them, or, causal, the tiles i >= p (as Br = Bc, the queries of tile i see
+// no key of a tile j > i). So a row of query tile i sums the partials 0 .. P - 1, or, causal,
+// 0 .. min(P - 1, i): the others were never written.
 __global__ void dq_partials_sum_kernel(const float4* __restrict__ dQ_partial,  // (P, n4)
                                        float4* __restrict__ dQ,                // (n4)
-                                       int64_t n4, int P) {
+                                       int64_t n4, int P, int Nq, int tile_rows, bool causal) {
     const int64_t stride = (int64_t)gridDim.x * blockDim.x;
     for (int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; idx < n4; idx += stride) {
+        const int row = (int)(idx / (d / 4) % Nq);
+        const int parts = causal ? min(P, row / tile_rows + 1) : P;
         float4 sum = dQ_partial[idx];
-        for (int p = 1; p < P; ++p) {
+        for (int p = 1; p < parts; ++p) {
             const float4 x = dQ_partial[p * n4 + idx];
             sum.x += x.x; sum.y += x.y; sum.z += x.z; sum.w += x.w;
         }
@@ -401,19 +417,20 @@ __global__ void dq_partials_sum_kernel(const float4* __restrict__ dQ_partial,  /
 //     computes its products with the tensor cores' mma.sync.m16n8k8 instruction: a
 //     16 x 8 block of C += A (16 x 8) B (8 x 8), 4 floats of C per lane.
 //   * FP32 accuracy on the tensor cores ("3xTF32", as PyTorch's memory-efficient FP32
-//     attention and CUTLASS's FastF32 do): an FP32 number x is split into x_big =
-//     tf32(x), the top 11 significant bits, and x_small = tf32(x - x_big), the next 11;
-//     a*b = a_big*b_big + a_big*b_small + a_small*b_big up to a_small*b_small, which is
-//     2^-22 |a*b|: about FP32's rounding. Three mma per product, in FP32 accumulators.
+//     attention and CUTLASS's FastF32 do): an FP32 number x is split into x_big, its top
+//     11 significant bits rounded (a TF32 number), and x_small = x - x_big, of which the
+//     mma reads the top 11 bits; a*b = a_big*b_big + a_big*b_small + a_small*b_big up to
+//     about 2^-22 |a*b|, near FP32's rounding. Three mma per product, FP32 accumulators.
 //   * Tiles reach shared memory by cp.async, the next tile while this one is computed.
-//     A tile is 64 rows of 64 floats with the 16-byte chunks of row r swizzled (chunk c
-//     stored at c ^ swizzle(r)): both ways the warps read tiles (four consecutive
-//     floats of a row, or one float of each of 8 rows) hit 32 different banks.
+//     A tile row is padded from 64 to 68 floats, so that the two ways the warps read
+//     tiles hit 32 different banks, and every offset in the unrolled loops is a constant.
 //   * The mma's k index may be any permutation of the summed dimension, as long as A and
 //     B use the same one. Two are used: over d, lane t's k = t and t + 4 are columns
-//     4t and 4t + 1 (and the next k-chunk 4t + 2, 4t + 3), so one float4 feeds two
+//     8t and 8t + 1 (and the next k-chunk's 8t + 2, 8t + 3), so one float4 feeds two
 //     k-chunks; over keys (or queries), k = t and t + 4 are 2t and 2t + 1, which is
 //     where the accumulator fragment of S = QK^T keeps them: P feeds P V as it is.
+//   * The tiles that need masking (the causal diagonal, the last tiles past Nq or Nk)
+//     run a second copy of the loop body (`edge`); the others run one with no masks.
 //   * Causal: in the tile on the diagonal a warp skips the 8-column blocks that all its
 //     rows are hidden from. In the two blocks that the diagonal crosses, a hidden pair
 //     (P = 0) still meets the other operand inside one mma; a NaN or Inf there would
@@ -427,21 +444,23 @@ constexpr int Bc = 64;            // key rows of a tile
 constexpr int WARPS = 4;
 constexpr int THREADS = 32 * WARPS;
 constexpr int MMA_M = 16;         // rows of one warp's share of a tile
-constexpr int TILE = 64 * d;      // floats in a shared tile (16 KB)
+constexpr int STRIDE = d + 4;     // floats from one row of a shared tile to the next
+constexpr int TILE = 64 * STRIDE; // floats in a shared tile (17 KB)
 constexpr int DQ_PARTIALS = 16;   // most dQ partial buffers in the deterministic backward
 constexpr float LOG2E = 1.4426950408889634f;
 
 static_assert(Br == WARPS * MMA_M && Bc == WARPS * MMA_M, "a warp owns 16 rows of a tile");
 static_assert(Br == Bc, "the causal diagonal of query tile i is key tile i");
-static_assert(d == 64, "a tile row is 16 chunks of 4 floats; 8 n-blocks of 8 columns");
+static_assert(d == 64, "a tile row is 8 n-blocks of 8 columns, read in two stages of 32");
+static_assert(STRIDE % 32 == 4, "row r + 1 starts 4 banks after row r");
 
 // --- shared tiles ------------------------------------------------------------------
 
-// Row r's 16-byte chunk c lives at chunk c ^ swizzle(r). swizzle(r) flips bit 2 between
-// rows 2k and 2k+1 and bits 1-2 across rows 0, 2, 4, 6: a float4 read of rows g, g + 1
-// (8 lanes) and a float read of rows 2t (+1) x 8 columns (32 lanes) both hit 32 banks.
-__device__ __forceinline__ int swizzle(int r) { return (((r >> 2) ^ r) & 1) << 2 | (r & 2); }
-__device__ __forceinline__ int at(int r, int c) { return r * d + ((((c >> 2) ^ swizzle(r)) << 2) | (c & 3)); }
+// Row r of a tile starts at r * STRIDE, 4 banks (mod 32) after row r - 1. The two reads:
+//   * a float4 of rows g (lane / 4) at columns c + 8t (t = lane % 4): banks 4g + 8t + c .. + 3,
+//     and the 8 lanes of a quarter warp (g = 2k, 2k + 1) cover the 32 banks;
+//   * a float of rows 2t and 2t + 1 (+ 8k) at column 8n + g: banks 8t + g (+ 4), 32 of them.
+__device__ __forceinline__ int at(int r, int c) { return r * STRIDE + c; }
 __device__ __forceinline__ float4 row4(const float* tile, int r, int c) {
     return *reinterpret_cast<const float4*>(tile + at(r, c));
 }
@@ -478,9 +497,15 @@ __device__ __forceinline__ void load_row_values_async(float* v, const float* x, 
 struct FragA { uint32_t big[4], small[4]; };  // a 16 x 8 A operand, split
 struct FragB { uint32_t big[2], small[2]; };  // an 8 x 8 B operand, split
 
+// x = big + small. The mma reads a TF32 operand from the top 19 bits of a register and
+// ignores the low 13, so big = x + half a TF32 unit (0x1000) in the bits is x rounded to
+// nearest TF32, ties away (cvt.rna.tf32.f32, which ptxas compiles into this add plus a
+// finiteness test and a select), and small = x - big is exact, of which the mma keeps the
+// top 11 bits. Three instructions instead of seven. A NaN or Inf x gives a NaN small, so
+// its products are NaN whatever the add did to big's bits.
 __device__ __forceinline__ void split(float x, uint32_t& big, uint32_t& small) {
-    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(big) : "f"(x));
-    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(small) : "f"(x - __uint_as_float(big)));
+    big = __float_as_uint(x) + 0x1000u;
+    small = __float_as_uint(x - __uint_as_float(big & 0xffffe000u));
 }
 // Lane (g = lane / 4, t = lane % 4) holds A[g][t], A[g + 8][t], A[g][t + 4], A[g + 8][t + 4].
 __device__ __forceinline__ FragA frag_a(float a0, float a1, float a2, float a3) {
@@ -532,7 +557,7 @@ __device__ __forceinline__ void add_to(float (&acc)[8][4], const float (&x)[8][4
 // Y is a shared tile whose rows are k: one stage, to be added to an accumulator with FP32 adds.
 // k-chunks below kc_begin or from kc_end on are skipped (causal: pairs all hidden); in the
 // chunks kc_mixed and kc_mixed + 1 non-finite values of Y are read as 0, and the return value
-// says whether there were any.
+// says whether there were any. Outside the edge tiles the callers pass 0, 8 and -2.
 __device__ __forceinline__ bool mma_tile(float (&out)[8][4], const float (&a)[8][4], const float* Y,
                                          int kc_begin, int kc_end, int kc_mixed) {
     const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
@@ -560,7 +585,7 @@ __device__ __forceinline__ bool mma_tile(float (&out)[8][4], const float (&a)[8]
 }
 
 // acc (16 rows x 64) = X (16 rows of a tile, from row x0) Z^T (Z: 64 rows of a tile), over d,
-// in two stages of 32. Column blocks outside [nb_begin, nb_end) are left at 0 (causal: hidden).
+// in two stages of 32. Column blocks from nb_end on stay 0 (causal: hidden).
 __device__ __forceinline__ void mma_rows_tiles(float (&acc)[8][4], const float* X, int x0, const float* Z,
                                                int nb_begin, int nb_end) {
     const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
@@ -570,22 +595,19 @@ __device__ __forceinline__ void mma_rows_tiles(float (&acc)[8][4], const float* 
     for (int stage = 0; stage < d; stage += 32) {
         float part[8][4] = {};
 #pragma unroll
-        for (int c = stage; c < stage + 32; c += 16) {
-            // d = c + 4t, c + 4t + 1 are k-chunk c/8's k = t, t + 4; c + 4t + 2, + 3 the next chunk's
-            const float4 lo = row4(X, x0 + g, c + 4 * t), hi = row4(X, x0 + g + 8, c + 4 * t);
+        for (int c = stage; c < stage + 8; c += 4) {
+            // d = c + 8t, c + 8t + 1 are one k-chunk's k = t, t + 4; c + 8t + 2, + 3 the next one's
+            const float4 lo = row4(X, x0 + g, c + 8 * t), hi = row4(X, x0 + g + 8, c + 8 * t);
             const FragA a0 = frag_a(lo.x, hi.x, lo.y, hi.y), a1 = frag_a(lo.z, hi.z, lo.w, hi.w);
 #pragma unroll
             for (int nb = 0; nb < 8; ++nb) {
                 if (nb < nb_begin || nb >= nb_end) continue;
-                const float4 z = row4(Z, 8 * nb + g, c + 4 * t);
+                const float4 z = row4(Z, 8 * nb + g, c + 8 * t);
                 mma_3xtf32(part[nb], a0, frag_b(z.x, z.y));
                 mma_3xtf32(part[nb], a1, frag_b(z.z, z.w));
             }
         }
-#pragma unroll
-        for (int nb = 0; nb < 8; ++nb)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[nb][e] += part[nb][e];
+        add_to(acc, part);
     }
 }
 
@@ -631,14 +653,6 @@ __device__ __forceinline__ void store_transposed(float* tile, const float (&acc)
 #pragma unroll
         for (int e = 0; e < 4; ++e) tile[at(8 * nb + 2 * t + e % 2, r0 + g + 8 * (e / 2))] = acc[nb][e];
 }
-// Read the columns r0 .. r0 + 15 of a tile into a 16 x 64 accumulator fragment (the inverse).
-__device__ __forceinline__ void load_transposed(float (&acc)[8][4], const float* tile, int r0) {
-    const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
-#pragma unroll
-    for (int nb = 0; nb < 8; ++nb)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[nb][e] = tile[at(8 * nb + 2 * t + e % 2, r0 + g + 8 * (e / 2))];
-}
 
 // 2^x in one instruction (MUFU.EX2: relative error below 2^-22; results below 2^-126 flush
 // to 0, which a probability that small is anyway). exp2f adds a denormal range fix-up.
@@ -646,11 +660,6 @@ __device__ __forceinline__ float exp2_approx(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
     return y;
-}
-
-// Whether the key `key` is hidden from the query `row` (past Nk, past Nq, or causal).
-__device__ __forceinline__ bool hidden_pair(int row, int key, int Nq, int Nk, bool causal) {
-    return row >= Nq || key >= Nk || (causal && key > row);
 }
 
 // *p += v for two floats, atomically (one vector atomic on sm_90, two before).
@@ -662,6 +671,11 @@ __device__ __forceinline__ void atomic_add2(float2* p, float2 v) {
     atomicAdd(&p->y, v.y);
 #endif
 }
+
+// The loop bodies below are generic lambdas, called with Edge() for the tiles that need
+// masks and Interior() for the others: two copies of the body, one without masks.
+struct Interior { static constexpr bool edge = false; };
+struct Edge { static constexpr bool edge = true; };
 
 // -----------------------------------------------------------------------------
 // Fast forward: Algorithm 1 (FlashAttention-2 loop order), 64 x 64 tiles
@@ -709,30 +723,23 @@ forward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const f
     float m[2] = {-INFINITY, -INFINITY};            // line 2: running max of rows g, g + 8 (base 2)
     float l[2] = {0.f, 0.f};                        // line 2: this lane's part of their sums
 
-    for (int j = 0; j < Tc_end; ++j) {              // line 5
-        cp_async_wait_all();
-        __syncthreads();                            // K_j, V_j landed; all warps are done with j - 1's stage
-        if (j + 1 < Tc_end) {                       // line 6 for j + 1, while j is computed
-            load_tile_async(Kj((j + 1) % 2), K, (j + 1) * Bc, Nk);
-            load_tile_async(Vj((j + 1) % 2), V, (j + 1) * Bc, Nk);
-            cp_async_commit();
-        }
-        const float* Ks = Kj(j % 2);
-        const float* Vs = Vj(j % 2);
-        const bool diagonal = causal && j == i;     // keys 16w + 16 .. 63 are hidden from warp w
+    // Lines 9-12 for key tile j, from stage st.
+    auto step = [&](int j, int st, auto kind) {
+        constexpr bool edge = decltype(kind)::edge;
+        const float* Ks = Kj(st);
+        const float* Vs = Vj(st);
+        const bool diagonal = edge && causal && j == i;   // keys 16w + 16 .. 63 are hidden from warp w
         const int nb_end = diagonal ? 2 * w + 2 : 8;
 
         // line 9: S_ij = Q_i K_j^T, 16 x 64 per warp; in base-2 units; hidden keys get -inf
         float s[8][4];
         mma_rows_tiles(s, Qs, r0, Ks, 0, nb_end);
-        const bool edge = diagonal || (j + 1) * Bc > Nk;
 #pragma unroll
         for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int row = i * Br + r0 + g + 8 * (e / 2), key = j * Bc + 8 * nb + 2 * t + e % 2;
-                s[nb][e] = edge && hidden_pair(row, key, INT32_MAX, Nk, causal) ? -INFINITY
-                                                                                : s[nb][e] * scale_log2;
+                s[nb][e] = edge && masked(row, key, Nk, causal) ? -INFINITY : s[nb][e] * scale_log2;
             }
 
         // lines 10-11: online softmax. Key 0 is in tile 0 and no row hides it, so m is finite
@@ -763,11 +770,23 @@ forward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const f
         add_to(o, pv);
         if (diagonal && __any_sync(0xffffffffu, nonfinite)) {
             // The diagonal tile is the last one: the other stage's K buffer is free for P.
-            float* P = Kj((j + 1) % 2);
+            float* P = Kj(1 - st);
             store_rows(P, s, r0);
             __syncwarp();
             add_nonfinite_products(o, P, Vs, r0, false);
         }
+    };
+
+    for (int j = 0; j < Tc_end; ++j) {              // line 5
+        cp_async_wait_all();
+        __syncthreads();                            // K_j, V_j landed; all warps are done with j - 1's stage
+        if (j + 1 < Tc_end) {                       // line 6 for j + 1, while j is computed
+            load_tile_async(Kj((j + 1) % 2), K, (j + 1) * Bc, Nk);
+            load_tile_async(Vj((j + 1) % 2), V, (j + 1) * Bc, Nk);
+            cp_async_commit();
+        }
+        if ((causal && j == i) || (j + 1) * Bc > Nk) step(j, j % 2, Edge());
+        else step(j, j % 2, Interior());
     }
 
     // line 12's 1/l_i and line 13: write O_i and L_i = m_i + log(l_i) (natural log)
@@ -798,7 +817,7 @@ forward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const f
 //   line 7  (load K_j, V_j)             : cp.async, once per j
 //   line 8  (dK_j = dV_j = 0)           : dk[8][4], dv[8][4] in registers
 //   line 9  (for i)                     : causal starts at i = j, the diagonal tile
-//   line 10 (load Q_i, dO_i, L_i, D_i)  : cp.async into one of two stages; i + 1 loads during i
+//   line 10 (load Q_i, dO_i, L_i, D_i)  : cp.async; tile i + 1 loads while dQ_i is computed
 //   line 11 (S_ij^T = K_j Q_i^T)        : s[8][4]: keys as rows, queries as columns
 //   line 13 (P_ij = exp(S_ij - L_i))    : in place in s, from the saved logsumexp
 //   line 16 (dV_j += P_ij^T dO_i)       : as soon as P is known; P^T waits in dSs
@@ -806,7 +825,7 @@ forward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const f
 //   lines 19-20 (dS = P (dP - D_i))     : in place in s, then into shared memory (dSs)
 //   line 22 (dK_j += dS_ij^T Q_i)       : dk, scaled at the end
 //   line 21 (dQ_i += scale dS_ij K_j)   : each warp takes 16 queries, all 64 keys from dSs;
-//                                         atomicAdd of float2, or plain adds into the block's
+//                                         atomicAdd of float2 into dQ, or into the block's
 //                                         partial buffer
 //   line 24 (write dK_j, dV_j)          : after the i loop
 __global__ void __launch_bounds__(THREADS)
@@ -819,12 +838,10 @@ backward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const 
     float* Ks = smem;                               // K_j
     float* Vs = smem + TILE;                        // V_j
     float* dSs = smem + 2 * TILE;                   // dS_ij, queries as rows
-    // Two stages of Q_i, dO_i, L_i, D_i: stage st holds Q_i, then dO_i, then L_i and D_i
-    // at the end of the shared memory.
-    auto Qi = [&](int st) { return smem + (3 + 2 * st) * TILE; };
-    auto dOi = [&](int st) { return smem + (4 + 2 * st) * TILE; };
-    auto Li = [&](int st) { return smem + 7 * TILE + 2 * st * Br; };
-    auto Di = [&](int st) { return smem + 7 * TILE + (2 * st + 1) * Br; };
+    float* Qs = smem + 3 * TILE;                    // Q_i
+    float* dOs = smem + 4 * TILE;                   // dO_i
+    float* Ls = smem + 5 * TILE;                    // L_i
+    float* Ds = Ls + Br;                            // D_i
 
     const int Tr = cdiv(Nq, Br), Tc = cdiv(Nk, Bc);
     const int slot = (int)(blockIdx.x / BH);
@@ -843,114 +860,119 @@ backward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const 
     const int r0 = MMA_M * w;
     const float scale_log2 = softmax_scale * LOG2E;
 
-    // Start loading tile i of Q, dO, L, D into stage `st`.
-    auto load_query_tile = [&](int i, int st) {
-        load_tile_async(Qi(st), Q, i * Br, Nq);
-        load_tile_async(dOi(st), dO, i * Br, Nq);
-        if (threadIdx.x < Br) load_row_values_async(Li(st), L, i * Br, Nq, threadIdx.x);
-        else load_row_values_async(Di(st), D, i * Br, Nq, threadIdx.x - Br);
+    // Start loading tile i of Q, dO, L, D.
+    auto load_query_tile = [&](int i) {
+        load_tile_async(Qs, Q, i * Br, Nq);
+        load_tile_async(dOs, dO, i * Br, Nq);
+        if (threadIdx.x < Br) load_row_values_async(Ls, L, i * Br, Nq, threadIdx.x);
+        else load_row_values_async(Ds, D, i * Br, Nq, threadIdx.x - Br);
+        cp_async_commit();
+    };
+
+    float dk[8][4], dv[8][4];
+
+    // Lines 11-22 for the tiles i, j; ends with tile i + 1 loading. `overwrite`: store dQ_i's
+    // share instead of adding it (the deterministic mode's first round).
+    auto step = [&](int i, int j, bool overwrite, auto kind) {
+        constexpr bool edge = decltype(kind)::edge;
+        // Causal, tile i = j: queries 0 .. 16w - 1 of the tile are hidden from all keys of
+        // warp w (column blocks < 2w), and keys 16w + 16 .. 63 from its queries.
+        const bool diagonal = edge && causal && i == j;
+        const int first = diagonal ? 2 * w : 0;
+        const int mixed = diagonal ? 2 * w : -2;
+        // Whether the query in column e of n-block nb is hidden from this lane's key of the pair.
+        auto hidden = [&](int nb, int e) {
+            const int row = i * Br + 8 * nb + 2 * t + e % 2, key = j * Bc + r0 + g + 8 * (e / 2);
+            return edge && (row >= Nq || masked(row, key, Nk, causal));
+        };
+
+        // line 11: S^T = K_j Q_i^T; line 13: P = exp2(S scale log2(e) - L log2(e)), 0 if hidden
+        float s[8][4], part[8][4];
+        mma_rows_tiles(s, Ks, r0, Qs, first, 8);
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float l_row = Ls[8 * nb + 2 * t + e % 2];
+                s[nb][e] = hidden(nb, e) ? 0.f : exp2_approx(s[nb][e] * scale_log2 - l_row * LOG2E);
+            }
+        store_transposed(dSs, s, r0);               // P^T, kept in the warp's columns of dSs until dS
+        __syncwarp();
+
+        // line 16: dV_j += P^T dO_i (the sum runs over the tile's queries)
+        const bool bad_dO = mma_tile(part, s, dOs, first, 8, mixed);
+        add_to(dv, part);
+        if (diagonal && __any_sync(0xffffffffu, bad_dO)) add_nonfinite_products(dv, dSs, dOs, r0, true);
+
+        // line 17: dP^T = V_j dO_i^T; lines 19-20: dS = P (dP - D), 0 if hidden
+        mma_rows_tiles(s, Vs, r0, dOs, first, 8);
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int col = 8 * nb + 2 * t + e % 2;
+                const float p = dSs[at(col, r0 + g + 8 * (e / 2))];   // P^T, as this lane stored it
+                s[nb][e] = hidden(nb, e) ? 0.f : p * (s[nb][e] - Ds[col]);
+            }
+        __syncwarp();                               // all lanes have read P before dS replaces it
+        store_transposed(dSs, s, r0);               // dS_ij, for lines 21 and 22
+        __syncwarp();
+
+        // line 22: dK_j += dS^T Q_i
+        const bool bad_Q = mma_tile(part, s, Qs, first, 8, mixed);
+        add_to(dk, part);
+        if (diagonal && __any_sync(0xffffffffu, bad_Q)) add_nonfinite_products(dk, dSs, Qs, r0, true);
+        __syncthreads();                            // dS_ij is complete; Q_i, dO_i, L_i, D_i are read
+        if (i + 1 < Tr) load_query_tile(i + 1);     // line 10 for i + 1, while dQ_i is computed
+
+        // line 21: dQ_i += scale dS_ij K_j for the warp's 16 queries (rows r0 .. r0 + 15)
+#pragma unroll
+        for (int kc = 0; kc < 8; ++kc) {            // dS rows in the accumulator layout
+            const float2 lo = row2(dSs, r0 + g, 8 * kc + 2 * t), hi = row2(dSs, r0 + g + 8, 8 * kc + 2 * t);
+            s[kc][0] = lo.x; s[kc][1] = lo.y; s[kc][2] = hi.x; s[kc][3] = hi.y;
+        }
+        // Deterministic mode: only this lane writes these two floats of the block's partial
+        // buffer. It stores them in the block's first round (which covers every query tile
+        // from i_start on), then adds to them atomically; the memory model keeps a thread's
+        // writes to one address in program order: the block's j order, the same every run.
+        const bool bad_K = mma_tile(part, s, Ks, 0, diagonal ? 2 * w + 2 : 8, mixed);
+        if (diagonal && __any_sync(0xffffffffu, bad_K)) add_nonfinite_products(part, dSs, Ks, r0, false);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int row = i * Br + r0 + g + 8 * h;
+            if (edge && row >= Nq) continue;
+#pragma unroll
+            for (int nb = 0; nb < 8; ++nb) {
+                float2* out = reinterpret_cast<float2*>(dQ_out + (int64_t)row * d + 8 * nb + 2 * t);
+                const float2 x = make_float2(softmax_scale * part[nb][2 * h], softmax_scale * part[nb][2 * h + 1]);
+                if (overwrite) *out = x;
+                else atomic_add2(out, x);
+            }
+        }
     };
 
     for (int round = 0; round * slots < Tc; ++round) {
         const int j = round * slots + (round % 2 == 0 ? slot : slots - 1 - slot);   // line 6
         if (j >= Tc) continue;
         const int i_start = causal ? j : 0;         // queries before tile j see none of its keys
-        float dk[8][4] = {}, dv[8][4] = {};         // line 8
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb)              // line 8
+#pragma unroll
+            for (int e = 0; e < 4; ++e) dk[nb][e] = dv[nb][e] = 0.f;
 
         if (i_start < Tr) {
             __syncthreads();                        // the previous round is done with K_j, V_j
             load_tile_async(Ks, K, j * Bc, Nk);     // line 7
             load_tile_async(Vs, V, j * Bc, Nk);
-            load_query_tile(i_start, 0);
-            cp_async_commit();
+            load_query_tile(i_start);
         }
         for (int i = i_start; i < Tr; ++i) {        // line 9
-            const int st = (i - i_start) % 2;
             cp_async_wait_all();
-            __syncthreads();                        // tile i landed; all warps are done with i - 1 (its stage, dSs)
-            if (i + 1 < Tr) {                       // line 10 for i + 1, while i is computed
-                load_query_tile(i + 1, 1 - st);
-                cp_async_commit();
-            }
-            const float* Qs = Qi(st);
-            const float* dOs = dOi(st);
-            const float* Ls = Li(st);
-            const float* Ds = Di(st);
-            // Causal, tile i = j: queries 0 .. 16w - 1 of the tile are hidden from all keys of
-            // warp w (column blocks < 2w), and keys 16w + 16 .. 63 from its queries.
-            const bool diagonal = causal && i == j;
-            const int first = diagonal ? 2 * w : 0;
-            const int mixed = diagonal ? 2 * w : -2;
-
-            // line 11: S^T = K_j Q_i^T; line 13: P = exp2(S scale log2(e) - L log2(e)), 0 if hidden
-            const bool edge = diagonal || (i + 1) * Br > Nq || (j + 1) * Bc > Nk;
-            float s[8][4], part[8][4];
-            mma_rows_tiles(s, Ks, r0, Qs, first, 8);
-#pragma unroll
-            for (int nb = 0; nb < 8; ++nb)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int col = 8 * nb + 2 * t + e % 2;                 // query in the tile
-                    const int key = j * Bc + r0 + g + 8 * (e / 2);
-                    const bool hidden = edge && hidden_pair(i * Br + col, key, Nq, Nk, causal);
-                    s[nb][e] = hidden ? 0.f : exp2_approx(s[nb][e] * scale_log2 - Ls[col] * LOG2E);
-                }
-            store_transposed(dSs, s, r0);           // P^T, kept in the warp's columns of dSs until dS
-            __syncwarp();
-
-            // line 16: dV_j += P^T dO_i (the sum runs over the tile's queries)
-            const bool bad_dO = mma_tile(part, s, dOs, first, 8, mixed);
-            add_to(dv, part);
-            if (diagonal && __any_sync(0xffffffffu, bad_dO)) add_nonfinite_products(dv, dSs, dOs, r0, true);
-
-            // line 17: dP^T = V_j dO_i^T; lines 19-20: dS = P (dP - D), 0 if hidden
-            mma_rows_tiles(s, Vs, r0, dOs, first, 8);
-#pragma unroll
-            for (int nb = 0; nb < 8; ++nb)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {  // a pair with P = 0 (hidden ones too) gets dS = 0, never 0 * NaN
-                    const int col = 8 * nb + 2 * t + e % 2;
-                    const float p = dSs[at(col, r0 + g + 8 * (e / 2))];   // P^T, as this lane stored it
-                    s[nb][e] = p == 0.f ? 0.f : p * (s[nb][e] - Ds[col]);
-                }
-            __syncwarp();                           // all lanes have read P before dS replaces it
-            store_transposed(dSs, s, r0);           // dS_ij, for lines 21 and 22
-            __syncwarp();
-
-            // line 22: dK_j += dS^T Q_i
-            const bool bad_Q = mma_tile(part, s, Qs, first, 8, mixed);
-            add_to(dk, part);
-            if (diagonal && __any_sync(0xffffffffu, bad_Q)) add_nonfinite_products(dk, dSs, Qs, r0, true);
-            __syncthreads();                        // dS_ij is complete in dSs
-
-            // line 21: dQ_i += scale dS_ij K_j for the warp's 16 queries (rows r0 .. r0 + 15)
-            float dq[8][4];
-#pragma unroll
-            for (int kc = 0; kc < 8; ++kc) {        // dS rows in the accumulator layout
-                const float2 lo = row2(dSs, r0 + g, 8 * kc + 2 * t), hi = row2(dSs, r0 + g + 8, 8 * kc + 2 * t);
-                s[kc][0] = lo.x; s[kc][1] = lo.y; s[kc][2] = hi.x; s[kc][3] = hi.y;
-            }
-            const bool bad_K = mma_tile(dq, s, Ks, 0, diagonal ? 2 * w + 2 : 8, mixed);
-            if (diagonal && __any_sync(0xffffffffu, bad_K))
-                add_nonfinite_products(dq, dSs, Ks, r0, false);
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int row = i * Br + r0 + g + 8 * h;
-                if (row >= Nq) continue;
-#pragma unroll
-                for (int nb = 0; nb < 8; ++nb) {
-                    float2* out = reinterpret_cast<float2*>(dQ_out + (int64_t)row * d + 8 * nb + 2 * t);
-                    const float2 add = make_float2(softmax_scale * dq[nb][2 * h], softmax_scale * dq[nb][2 * h + 1]);
-                    if (dQ_partial) {
-                        // Only this block writes this buffer, and only this lane these two floats:
-                        // a plain read-modify-write, in the block's fixed order of j.
-                        const float2 old = *out;
-                        *out = make_float2(old.x + add.x, old.y + add.y);
-                    } else {
-                        atomic_add2(out, add);
-                    }
-                }
-            }
+            __syncthreads();                        // tile i landed; all warps are done with dSs of i - 1
+            const bool edge = (causal && i == j) || (i + 1) * Br > Nq || (j + 1) * Bc > Nk;
+            const bool overwrite = dQ_partial && round == 0;
+            if (edge) step(i, j, overwrite, Edge());
+            else step(i, j, overwrite, Interior());
         }
 
         // line 24: write dK_j (times the scale, once) and dV_j; zero for keys no query sees
@@ -986,9 +1008,9 @@ int dq_partials(int Nk, Kernel kernel) {
                                   : std::min(cdiv(Nk, Bc), DQ_PARTIALS);
 }
 
-constexpr size_t FAST_FORWARD_SMEM = 5 * fast::TILE * sizeof(float);  // Q_i; K_j, V_j twice: 80 KB
-constexpr size_t FAST_BACKWARD_SMEM =                                  // 7 tiles and L_i, D_i: 113 KB
-    (7 * fast::TILE + 4 * fast::Br) * sizeof(float);
+constexpr size_t FAST_FORWARD_SMEM = 5 * fast::TILE * sizeof(float);  // Q_i; K_j, V_j twice: 85 KB
+constexpr size_t FAST_BACKWARD_SMEM =                                  // K_j, V_j, dS, Q_i, dO_i; L_i, D_i: 85.5 KB
+    (5 * fast::TILE + 2 * fast::Br) * sizeof(float);
 
 cudaError_t forward(const float* q, const float* k, const float* v, float* o, float* L,
                     int64_t BH, int Nq, int Nk, float softmax_scale, bool causal, Kernel kernel,
@@ -1012,8 +1034,8 @@ cudaError_t forward(const float* q, const float* k, const float* v, float* o, fl
     return cudaGetLastError();
 }
 
-// dq must be zeroed in the default mode; dq_partial (P * BH * Nq * d floats, zeroed, with
-// P = dq_partials(Nk, kernel)) selects the deterministic mode when it is not null.
+// dq_partial (P * BH * Nq * d floats, with P = dq_partials(Nk, kernel)) selects the
+// deterministic mode when it is not null; else dq must be zeroed (the kernel adds into it).
 cudaError_t backward(const float* dout, const float* q, const float* k, const float* v,
                      const float* o, const float* L, float* D, float* dq, float* dq_partial,
                      float* dk, float* dv, int64_t BH, int Nq, int Nk, float softmax_scale,
@@ -1045,7 +1067,8 @@ cudaError_t backward(const float* dout, const float* q, const float* k, const fl
     const int64_t n4 = BH * Nq * d / 4;
     const unsigned sum_blocks = (unsigned)std::min<int64_t>((n4 + THREADS - 1) / THREADS, 65536);
     dq_partials_sum_kernel<<<sum_blocks, THREADS, 0, stream>>>(
-        reinterpret_cast<const float4*>(dq_partial), reinterpret_cast<float4*>(dq), n4, slots);
+        reinterpret_cast<const float4*>(dq_partial), reinterpret_cast<float4*>(dq), n4, slots, Nq,
+        kernel == Kernel::fast ? fast::Br : Br, causal);
     return cudaGetLastError();
 }
 
@@ -1115,13 +1138,13 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q, co
     const c10::cuda::CUDAGuard guard(q.device());
     const int64_t BH = q.size(0) * q.size(1);
     const int Nq = q.size(2), Nk = k.size(2);
-    auto dq = at::zeros_like(q);
+    auto dq = deterministic ? at::empty_like(q) : at::zeros_like(q);  // the default mode adds into dq
     auto dk = at::empty_like(k);
     auto dv = at::empty_like(v);
     auto D = at::empty_like(L);
     at::Tensor dq_partial;
     if (deterministic)
-        dq_partial = at::zeros({flash::dq_partials(Nk, kernel_named(kernel)), BH, Nq, flash::d},
+        dq_partial = at::empty({flash::dq_partials(Nk, kernel_named(kernel)), BH, Nq, flash::d},
                                q.options());
     C10_CUDA_CHECK(flash::backward(
         dout.data_ptr<float>(), q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
