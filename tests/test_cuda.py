@@ -16,13 +16,14 @@ SHAPES = [(n, n) for n in (1, 15, 16, 17, 100, 257, 1024, 2048)] + [(17, 1), (1,
                                                                     (1000, 2048), (2048, 999)]
 
 
+@pytest.mark.parametrize("kernel", fa.KERNELS)
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("Nq,Nk", SHAPES)
-def test_matches_float64(Nq, Nk, causal, deterministic):
+def test_matches_float64(Nq, Nk, causal, deterministic, kernel):
     q, k, v = random_qkv(2, 3, Nq, Nk, device="cuda", seed=Nq * 7919 + Nk)
     dout = torch.randn(2, 3, Nq, 64, device="cuda")
-    out, dq, dk, dv = flash_grads(q, k, v, dout, causal=causal, deterministic=deterministic)
+    out, dq, dk, dv = flash_grads(q, k, v, dout, causal=causal, deterministic=deterministic, kernel=kernel)
     ref, dq64, dk64, dv64 = float64_grads(q, k, v, dout, causal)
     assert max_err(out, ref) <= 1e-5
     assert max_err(dq, dq64) <= 5e-5
@@ -30,13 +31,14 @@ def test_matches_float64(Nq, Nk, causal, deterministic):
     assert max_err(dv, dv64) <= 5e-5
 
 
+@pytest.mark.parametrize("kernel", fa.KERNELS)
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_sum_loss_non_contiguous_inputs(deterministic):
+def test_sum_loss_non_contiguous_inputs(deterministic, kernel):
     x = torch.randn(2, 300, 4, 3 * 64, device="cuda")  # (B, N, H, 3 * d) from a fused projection
     q, k, v = (t.transpose(1, 2) for t in x.split(64, dim=-1))
     assert not q.is_contiguous()
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    out = flash_attention(q, k, v, causal=True, deterministic=deterministic)
+    out = flash_attention(q, k, v, causal=True, deterministic=deterministic, kernel=kernel)
     out.sum().backward()  # an expanded, stride-0 output gradient
     ref, dq, dk, dv = float64_grads(q, k, v, torch.ones_like(out), causal=True)
     assert max_err(out, ref) <= 1e-5
@@ -72,35 +74,40 @@ def test_empty_inputs():
     assert flash_attention(*random_qkv(0, 2, 5, 5, device="cuda")).shape == (0, 2, 5, 64)
 
 
-def test_keys_no_query_sees_get_zero_gradients():
+@pytest.mark.parametrize("kernel", fa.KERNELS)
+def test_keys_no_query_sees_get_zero_gradients(kernel):
     q, k, v = random_qkv(1, 2, 20, 70, device="cuda", seed=7)  # causal: keys 20.. are hidden from every query
-    _, _, dk, dv = flash_grads(q, k, v, torch.randn(1, 2, 20, 64, device="cuda"), causal=True)
+    _, _, dk, dv = flash_grads(q, k, v, torch.randn(1, 2, 20, 64, device="cuda"), causal=True, kernel=kernel)
     assert torch.count_nonzero(dk[:, :, 20:]) == 0 and torch.count_nonzero(dv[:, :, 20:]) == 0
 
 
 # ---------------------------------------------------------------------------- determinism contract
 
+@pytest.mark.parametrize("kernel", fa.KERNELS)
 @pytest.mark.parametrize("causal", [False, True])
-def test_deterministic_repeats_are_bit_identical(causal):
+def test_deterministic_repeats_are_bit_identical(causal, kernel):
     q, k, v = random_qkv(2, 4, 1000, 1500, device="cuda", seed=8)
     dout = torch.randn(2, 4, 1000, 64, device="cuda")
-    first = flash_grads(q, k, v, dout, causal=causal, deterministic=True)
+    first = flash_grads(q, k, v, dout, causal=causal, deterministic=True, kernel=kernel)
     for _ in range(20):
-        again = flash_grads(q, k, v, dout, causal=causal, deterministic=True)
+        again = flash_grads(q, k, v, dout, causal=causal, deterministic=True, kernel=kernel)
         for name, a, b in zip(("O", "dQ", "dK", "dV"), first, again):
             assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("kernel", fa.KERNELS)
 @pytest.mark.parametrize("causal", [False, True])
-def test_deterministic_batch_and_head_invariant(causal):
+def test_deterministic_batch_and_head_invariant(causal, kernel):
     q, k, v = random_qkv(4, 3, 777, 1111, device="cuda", seed=9)
     dout = torch.randn(4, 3, 777, 64, device="cuda")
-    batched = flash_grads(q, k, v, dout, causal=causal, deterministic=True)
+    batched = flash_grads(q, k, v, dout, causal=causal, deterministic=True, kernel=kernel)
     for b in range(4):
-        alone = flash_grads(q[b : b + 1], k[b : b + 1], v[b : b + 1], dout[b : b + 1], causal=causal, deterministic=True)
+        alone = flash_grads(q[b : b + 1], k[b : b + 1], v[b : b + 1], dout[b : b + 1], causal=causal, deterministic=True,
+                            kernel=kernel)
         for name, x, y in zip(("O", "dQ", "dK", "dV"), batched, alone):
             assert torch.equal(x[b : b + 1], y), f"{name} of sample {b}"
-    one_head = flash_grads(q[:, 1:2], k[:, 1:2], v[:, 1:2], dout[:, 1:2], causal=causal, deterministic=True)
+    one_head = flash_grads(q[:, 1:2], k[:, 1:2], v[:, 1:2], dout[:, 1:2], causal=causal, deterministic=True,
+                           kernel=kernel)
     for name, x, y in zip(("O", "dQ", "dK", "dV"), batched, one_head):
         assert torch.equal(x[:, 1:2], y), f"{name} of head 1"
 
@@ -146,13 +153,15 @@ def test_torch_compile_fullgraph(causal):
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(grads, grads_ref))
 
 
-def test_opcheck():
+@pytest.mark.parametrize("kernel", fa.KERNELS)
+def test_opcheck(kernel):
     q, k, v = random_qkv(2, 2, 45, 70, device="cuda", seed=13, requires_grad=True)
     for deterministic in (False, True):
-        torch.library.opcheck(torch.ops.flash_attention.forward.default, (q, k, v, True, 0.125, deterministic, "tutorial"))
-    out, L = torch.ops.flash_attention.forward(q, k, v, True, 0.125, True, "tutorial")
-    args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), L, True, 0.125, True, "tutorial")
-    torch.library.opcheck(torch.ops.flash_attention.backward.default, args)
+        torch.library.opcheck(torch.ops.flash_attention.forward.default, (q, k, v, True, 0.125, deterministic, kernel))
+        out, L = torch.ops.flash_attention.forward(q, k, v, True, 0.125, deterministic, kernel)
+        args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), L, True, 0.125,
+                deterministic, kernel)
+        torch.library.opcheck(torch.ops.flash_attention.backward.default, args)
 
 
 def test_module_trains_on_cuda():
@@ -164,7 +173,7 @@ def test_module_trains_on_cuda():
 
 # ---------------------------------------------------------------------------- memory
 
-def _peak_mib(N, deterministic, H=2):
+def _peak_mib(N, deterministic, kernel, H=2):
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     q, k, v = random_qkv(1, H, N, N, device="cuda", seed=15, requires_grad=True)
@@ -172,15 +181,16 @@ def _peak_mib(N, deterministic, H=2):
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    flash_attention(q, k, v, causal=True, deterministic=deterministic).backward(dout)
+    flash_attention(q, k, v, causal=True, deterministic=deterministic, kernel=kernel).backward(dout)
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+@pytest.mark.parametrize("kernel", fa.KERNELS)
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_memory_grows_linearly_up_to_16384(deterministic):
+def test_memory_grows_linearly_up_to_16384(deterministic, kernel):
     tensor_mib = 2 * 16384 * 64 * 4 / 2**20  # one (1, 2, 16384, 64) float32 tensor: 8 MiB
-    small, large = _peak_mib(4096, deterministic), _peak_mib(16384, deterministic)
+    small, large = _peak_mib(4096, deterministic, kernel), _peak_mib(16384, deterministic, kernel)
     # out, dq, dk, dv and the small L, D; plus P = 16 dQ partial buffers when deterministic.
     # The score matrix alone would be 2 * 16384^2 * 4 bytes = 2048 MiB.
     assert large <= (6 + (fa.DQ_PARTIALS if deterministic else 0)) * tensor_mib

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import flash_attention as fa
 from conftest import flash_grads, attention_float64, float64_grads, max_err, random_qkv, requires_cuda
 from flash_attention import flash_attention
 from test_api import bad_inputs
@@ -14,13 +15,14 @@ pytestmark = requires_cuda
 
 # ---------------------------------------------------------------------------- hostile values
 
+@pytest.mark.parametrize("kernel", fa.KERNELS)
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
-def test_bad_value_in_one_query_row_stays_in_that_row(value, deterministic):
+def test_bad_value_in_one_query_row_stays_in_that_row(value, deterministic, kernel):
     q, k, v = random_qkv(2, 2, 50, 70, device="cuda", seed=1)
     dout = torch.randn(2, 2, 50, 64, device="cuda")
     q[1, 0, 33, 5] = value
-    out, dq, dk, dv = flash_grads(q, k, v, dout, deterministic=deterministic)
+    out, dq, dk, dv = flash_grads(q, k, v, dout, deterministic=deterministic, kernel=kernel)
     assert out[1, 0, 33].isnan().all() and dq[1, 0, 33].isnan().all()
     assert dk[1, 0].isnan().all() and dv[1, 0].isnan().all()  # every key meets the bad row
     clean = torch.ones(2, 2, 50, dtype=torch.bool, device="cuda")
@@ -30,15 +32,16 @@ def test_bad_value_in_one_query_row_stays_in_that_row(value, deterministic):
     assert max_err(dk[0], dk64[0]) <= 5e-5 and max_err(dv[:, 1], dv64[:, 1]) <= 5e-5
 
 
+@pytest.mark.parametrize("kernel", fa.KERNELS)
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("where", ["k", "v"])
-def test_nan_in_a_hidden_key_reaches_only_the_queries_that_see_it(where, deterministic):
-    N = 45
+@pytest.mark.parametrize("N", [45, 130])  # key N - 1 in the first tile, or in the third of 64
+def test_nan_in_a_hidden_key_reaches_only_the_queries_that_see_it(N, where, deterministic, kernel):
     q, k, v = random_qkv(1, 2, N, N, device="cuda", seed=2)
     dout = torch.randn(1, 2, N, 64, device="cuda")
     ref, dq64, _, _ = float64_grads(q, k, v, dout, causal=True)
     (k if where == "k" else v)[0, 1, N - 1, 7] = math.nan  # causal: only query N-1 sees key N-1
-    out, dq, dk, dv = flash_grads(q, k, v, dout, causal=True, deterministic=deterministic)
+    out, dq, dk, dv = flash_grads(q, k, v, dout, causal=True, deterministic=deterministic, kernel=kernel)
     if where == "k":  # a NaN score: the whole row of the output is NaN
         assert out[0, 1, N - 1].isnan().all()
     else:  # a NaN value: only its column
