@@ -5,9 +5,10 @@
     python benchmarks/bench.py --impl flash --impl sdpa_efficient --n 4096
 
 For each (impl, B, H, N, causal) it measures, on the same random inputs:
-- forward and backward time: CUDA events around each call, the calls queued back to back
-  after a warm-up (as in training, where the CPU runs ahead of the GPU), median of the
-  repeats; backward = (forward + backward) - forward;
+- forward time (under no_grad), backward time (autograd.grad on one forward's graph,
+  retained) and the time of both with autograd (fwdbwd_ms, in the JSON): CUDA events
+  around each call, the calls queued back to back after a warm-up (as in training, where
+  the CPU runs ahead of the GPU), median of the repeats;
 - TFLOP/s: forward 4*B*H*N*N*d (half when causal), backward 2.5x the forward;
 - peak memory above the inputs, forward alone and forward + backward;
 - max abs error of O, dQ, dK, dV against float64 attention (where it fits in memory);
@@ -146,7 +147,9 @@ def measure(impl, B, H, N, causal, check_error):
 
     row["fwd_ms"] = cuda_time_ms(forward)
     row["fwdbwd_ms"] = cuda_time_ms(forward_backward)
-    row["bwd_ms"] = row["fwdbwd_ms"] - row["fwd_ms"]
+    out = fn(q, k, v, causal)  # the backward alone, on one forward's saved graph
+    row["bwd_ms"] = cuda_time_ms(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True))
+    del out
     flop = 4 * B * H * N * N * D / (2 if causal else 1)
     row["fwd_tflops"] = flop / row["fwd_ms"] / 1e9
     row["bwd_tflops"] = 2.5 * flop / row["bwd_ms"] / 1e9
