@@ -825,8 +825,8 @@ forward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const f
 //   lines 19-20 (dS = P (dP - D_i))     : in place in s, then into shared memory (dSs)
 //   line 22 (dK_j += dS_ij^T Q_i)       : dk, scaled at the end
 //   line 21 (dQ_i += scale dS_ij K_j)   : each warp takes 16 queries, all 64 keys from dSs;
-//                                         atomicAdd of float2 into dQ, or into the block's
-//                                         partial buffer
+//                                         atomicAdd of float2 into dQ; deterministic: stored
+//                                         (first round) or added into the block's partial buffer
 //   line 24 (write dK_j, dV_j)          : after the i loop
 __global__ void __launch_bounds__(THREADS)
 backward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const float* __restrict__ V,
