@@ -28,14 +28,15 @@
 //   The forward is always deterministic: one block owns a query tile and walks the key
 //   tiles j = 0, 1, ... in order. The default backward adds dQ_i with atomicAdd, so the
 //   order of the additions (and the last bits of dQ) changes from run to run. The
-//   deterministic backward launches P = min(Tc, DQ_PARTIALS) blocks per (batch, head);
-//   block p handles key tiles p, p + P, p + 2P, ... (fast kernels: in a zigzag order of
-//   rounds) and writes its dQ contributions into its own buffer dQ_partial[p], which no
-//   other block touches: stored in its first round, added in the later ones, in the block's
-//   own order. A last kernel sums the P buffers in the order p = 0, 1, ..., P-1. P depends
-//   only on Nk and the tile size, so the result depends neither on B, H nor on the GPU.
+//   deterministic backward writes the dQ contributions of key tile j into partial buffer
+//   dQ_partial[j mod P], P = min(Tc, DQ_PARTIALS): tile p stores, then tiles p + P,
+//   p + 2P, ... add, in that order. The tutorial kernels get that order by giving buffer p
+//   one block, which walks those key tiles in turn; the fast kernels keep one block per key
+//   tile and make block j wait, per query tile, until block j - P has written it. A last
+//   kernel sums the P buffers in the order p = 0, 1, ..., P-1. P depends only on Nk and the
+//   tile size, so the result depends neither on B, H nor on the GPU.
 //   Extra memory: P * B * H * Nq * 64 floats, P = min(ceil(Nk / 16), 16) for the tutorial
-//   kernels and min(ceil(Nk / 64), 16) for the fast ones.
+//   kernels and min(ceil(Nk / 64), 16) for the fast ones (plus 4 ints per fast block).
 //
 // Build and test
 //   ./install.sh && ./test_installation.sh     (the Python extension, then every test)
@@ -672,6 +673,19 @@ __device__ __forceinline__ void atomic_add2(float2* p, float2 v) {
 #endif
 }
 
+// Deterministic mode: a warp tells the next writer of its partial buffer how far it got
+// (release), and waits until the previous writer got far enough (acquire). With the
+// release, every write this warp made before it (all its lanes', ordered by __syncwarp) is
+// visible to the warp that acquires the value.
+__device__ __forceinline__ void store_release(int* p, int v) {
+    asm volatile("st.release.gpu.global.b32 [%0], %1;\n" :: "l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ int load_acquire(const int* p) {
+    int v;
+    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
 // The loop bodies below are generic lambdas, called with Edge() for the tiles that need
 // masks and Interior() for the others: two copies of the body, one without masks.
 struct Interior { static constexpr bool edge = false; };
@@ -808,12 +822,20 @@ forward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const f
 // -----------------------------------------------------------------------------
 // Fast backward: Algorithm 2 (FlashAttention-2 loop order), 64 x 64 tiles
 // -----------------------------------------------------------------------------
-// grid = slots * B * H blocks. Block `slot` of a head handles key tiles j in rounds: round
-// n takes j = n * slots + slot for even n and n * slots + slots - 1 - slot for odd n (a
-// zigzag, so that causal work, which falls with j, evens out). slots = Tc by default (one
-// key tile per block); slots = P = min(Tc, DQ_PARTIALS) in the deterministic mode, where
-// block p adds dQ into its own partial buffer. Warp w owns keys 64j + 16w .. + 15 for
-// dK_j and dV_j, and queries 64i + 16w .. + 15 for dQ_i.
+// One block per (key tile j, batch * head), in both modes; the key tiles with the most work
+// (causal: the first ones) are launched first. Warp w owns keys 64j + 16w .. + 15 for dK_j
+// and dV_j, and queries 64i + 16w .. + 15 for dQ_i.
+//
+// Deterministic mode: key tile j adds its dQ shares into partial buffer p = j mod P
+// (P = min(Tc, DQ_PARTIALS)), after tile j - P and before tile j + P: the order of the
+// additions into each buffer is j's order, whatever the order in which the blocks run.
+// Tile j < P stores (it is the first), the others add. Each warp publishes, after each
+// query tile, how many query tiles it has written (dQ_progress, one int per warp of each
+// block, zeroed before the launch), and before it writes query tile i, waits until warp w
+// of tile j - P has published more than i. That block was launched earlier and waits only
+// on earlier blocks itself, so the chain always moves. The blocks are scheduled as in the
+// default mode, so deterministic and default runs take about the same time; the tutorial
+// kernels, simpler, give each buffer one block that walks its key tiles in turn.
 //   line 7  (load K_j, V_j)             : cp.async, once per j
 //   line 8  (dK_j = dV_j = 0)           : dk[8][4], dv[8][4] in registers
 //   line 9  (for i)                     : causal starts at i = j, the diagonal tile
@@ -826,14 +848,14 @@ forward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const f
 //   line 22 (dK_j += dS_ij^T Q_i)       : dk, scaled at the end
 //   line 21 (dQ_i += scale dS_ij K_j)   : each warp takes 16 queries, all 64 keys from dSs;
 //                                         atomicAdd of float2 into dQ; deterministic: stored
-//                                         (first round) or added into the block's partial buffer
+//                                         (j < P) or added into partial buffer j mod P
 //   line 24 (write dK_j, dV_j)          : after the i loop
 __global__ void __launch_bounds__(THREADS)
 backward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const float* __restrict__ V,
                 const float* __restrict__ dO, const float* __restrict__ L, const float* __restrict__ D,
-                float* __restrict__ dQ, float* __restrict__ dQ_partial, float* __restrict__ dK,
-                float* __restrict__ dV, int64_t BH, int Nq, int Nk, int slots, float softmax_scale,
-                bool causal) {
+                float* __restrict__ dQ, float* __restrict__ dQ_partial, int* __restrict__ dQ_progress,
+                float* __restrict__ dK, float* __restrict__ dV, int64_t BH, int Nq, int Nk, int P,
+                float softmax_scale, bool causal) {
     extern __shared__ __align__(16) float smem[];
     float* Ks = smem;                               // K_j
     float* Vs = smem + TILE;                        // V_j
@@ -843,8 +865,8 @@ backward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const 
     float* Ls = smem + 5 * TILE;                    // L_i
     float* Ds = Ls + Br;                            // D_i
 
-    const int Tr = cdiv(Nq, Br), Tc = cdiv(Nk, Bc);
-    const int slot = (int)(blockIdx.x / BH);
+    const int Tr = cdiv(Nq, Br);
+    const int j = (int)(blockIdx.x / BH);            // line 6: this block's key tile
     const int64_t bh = blockIdx.x % BH;
     Q += bh * Nq * d;
     K += bh * Nk * d;
@@ -854,9 +876,15 @@ backward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const 
     D += bh * Nq;
     dK += bh * Nk * d;
     dV += bh * Nk * d;
-    float* dQ_out = dQ_partial ? dQ_partial + (slot * BH + bh) * Nq * d : dQ + bh * Nq * d;
+    float* dQ_out = dQ_partial ? dQ_partial + (j % P * BH + bh) * Nq * d : dQ + bh * Nq * d;
 
     const int w = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+    const bool lane0 = threadIdx.x % 32 == 0;
+    // Deterministic mode: this warp's progress, the previous writer's (tile j - P, same head
+    // and warp; null if j < P), and the most the previous writer is known to have written.
+    int* progress = dQ_partial ? dQ_progress + blockIdx.x * WARPS + w : nullptr;
+    const int* previous = dQ_partial && j >= P ? progress - P * BH * WARPS : nullptr;
+    int previous_done = 0;
     const int r0 = MMA_M * w;
     const float scale_log2 = softmax_scale * LOG2E;
 
@@ -871,9 +899,8 @@ backward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const 
 
     float dk[8][4], dv[8][4];
 
-    // Lines 11-22 for the tiles i, j; ends with tile i + 1 loading. `overwrite`: store dQ_i's
-    // share instead of adding it (the deterministic mode's first round).
-    auto step = [&](int i, int j, bool overwrite, auto kind) {
+    // Lines 11-22 for the tiles i, j; ends with tile i + 1 loading.
+    auto step = [&](int i, auto kind) {
         constexpr bool edge = decltype(kind)::edge;
         // Causal, tile i = j: queries 0 .. 16w - 1 of the tile are hidden from all keys of
         // warp w (column blocks < 2w), and keys 16w + 16 .. 63 from its queries.
@@ -906,6 +933,9 @@ backward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const 
 
         // line 17: dP^T = V_j dO_i^T; lines 19-20: dS = P (dP - D), 0 if hidden
         mma_rows_tiles(s, Vs, r0, dOs, first, 8);
+        // Deterministic mode: publish that query tiles up to i - 1 are written. Half a step
+        // after their writes, which have completed by now, the release costs little.
+        if (progress && lane0) store_release(progress, i);
 #pragma unroll
         for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
@@ -931,12 +961,16 @@ backward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const 
             const float2 lo = row2(dSs, r0 + g, 8 * kc + 2 * t), hi = row2(dSs, r0 + g + 8, 8 * kc + 2 * t);
             s[kc][0] = lo.x; s[kc][1] = lo.y; s[kc][2] = hi.x; s[kc][3] = hi.y;
         }
-        // Deterministic mode: only this lane writes these two floats of the block's partial
-        // buffer. It stores them in the block's first round (which covers every query tile
-        // from i_start on), then adds to them atomically; the memory model keeps a thread's
-        // writes to one address in program order: the block's j order, the same every run.
         const bool bad_K = mma_tile(part, s, Ks, 0, diagonal ? 2 * w + 2 : 8, mixed);
         if (diagonal && __any_sync(0xffffffffu, bad_K)) add_nonfinite_products(part, dSs, Ks, r0, false);
+        // Deterministic mode: wait until tile j - P has written these rows of query tile i.
+        // Tile j < P stores (it comes first, and as Br = Bc, reaches every query tile that a
+        // later tile j + nP of its buffer reaches); the others add, atomically but alone.
+        if (previous) {
+            if (lane0)
+                while (previous_done <= i) previous_done = load_acquire(previous);
+            __syncwarp();
+        }
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int row = i * Br + r0 + g + 8 * h;
@@ -945,48 +979,47 @@ backward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const 
             for (int nb = 0; nb < 8; ++nb) {
                 float2* out = reinterpret_cast<float2*>(dQ_out + (int64_t)row * d + 8 * nb + 2 * t);
                 const float2 x = make_float2(softmax_scale * part[nb][2 * h], softmax_scale * part[nb][2 * h + 1]);
-                if (overwrite) *out = x;
+                if (!dQ_partial) atomic_add2(out, x);
+                else if (j < P) *out = x;
                 else atomic_add2(out, x);
             }
         }
     };
 
-    for (int round = 0; round * slots < Tc; ++round) {
-        const int j = round * slots + (round % 2 == 0 ? slot : slots - 1 - slot);   // line 6
-        if (j >= Tc) continue;
-        const int i_start = causal ? j : 0;         // queries before tile j see none of its keys
+    const int i_start = causal ? j : 0;             // queries before tile j see none of its keys
 #pragma unroll
-        for (int nb = 0; nb < 8; ++nb)              // line 8
+    for (int nb = 0; nb < 8; ++nb)                  // line 8
 #pragma unroll
-            for (int e = 0; e < 4; ++e) dk[nb][e] = dv[nb][e] = 0.f;
+        for (int e = 0; e < 4; ++e) dk[nb][e] = dv[nb][e] = 0.f;
 
-        if (i_start < Tr) {
-            __syncthreads();                        // the previous round is done with K_j, V_j
-            load_tile_async(Ks, K, j * Bc, Nk);     // line 7
-            load_tile_async(Vs, V, j * Bc, Nk);
-            load_query_tile(i_start);
-        }
-        for (int i = i_start; i < Tr; ++i) {        // line 9
-            cp_async_wait_all();
-            __syncthreads();                        // tile i landed; all warps are done with dSs of i - 1
-            const bool edge = (causal && i == j) || (i + 1) * Br > Nq || (j + 1) * Bc > Nk;
-            const bool overwrite = dQ_partial && round == 0;
-            if (edge) step(i, j, overwrite, Edge());
-            else step(i, j, overwrite, Interior());
-        }
+    if (i_start < Tr) {
+        load_tile_async(Ks, K, j * Bc, Nk);         // line 7
+        load_tile_async(Vs, V, j * Bc, Nk);
+        load_query_tile(i_start);
+    }
+    for (int i = i_start; i < Tr; ++i) {            // line 9
+        cp_async_wait_all();
+        __syncthreads();                            // tile i landed; all warps are done with dSs of i - 1
+        const bool edge = (causal && i == j) || (i + 1) * Br > Nq || (j + 1) * Bc > Nk;
+        if (edge) step(i, Edge());
+        else step(i, Interior());
+    }
+    if (progress) {                                 // every query tile is written
+        __syncwarp();
+        if (lane0) store_release(progress, Tr);
+    }
 
-        // line 24: write dK_j (times the scale, once) and dV_j; zero for keys no query sees
+    // line 24: write dK_j (times the scale, once) and dV_j; zero for keys no query sees
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int key = j * Bc + r0 + g + 8 * h;
-            if (key >= Nk) continue;
+    for (int h = 0; h < 2; ++h) {
+        const int key = j * Bc + r0 + g + 8 * h;
+        if (key >= Nk) continue;
 #pragma unroll
-            for (int nb = 0; nb < 8; ++nb) {
-                const int64_t off = (int64_t)key * d + 8 * nb + 2 * t;
-                *reinterpret_cast<float2*>(dK + off) =
-                    make_float2(softmax_scale * dk[nb][2 * h], softmax_scale * dk[nb][2 * h + 1]);
-                *reinterpret_cast<float2*>(dV + off) = make_float2(dv[nb][2 * h], dv[nb][2 * h + 1]);
-            }
+        for (int nb = 0; nb < 8; ++nb) {
+            const int64_t off = (int64_t)key * d + 8 * nb + 2 * t;
+            *reinterpret_cast<float2*>(dK + off) =
+                make_float2(softmax_scale * dk[nb][2 * h], softmax_scale * dk[nb][2 * h + 1]);
+            *reinterpret_cast<float2*>(dV + off) = make_float2(dv[nb][2 * h], dv[nb][2 * h + 1]);
         }
     }
 }
@@ -1006,6 +1039,12 @@ int dq_partials(int Nk, Kernel kernel) {
     if (Nk == 0) return 0;
     return kernel == Kernel::fast ? std::min(cdiv(Nk, fast::Bc), fast::DQ_PARTIALS)
                                   : std::min(cdiv(Nk, Bc), DQ_PARTIALS);
+}
+
+// How many ints the fast deterministic backward needs for its progress counters (one per
+// warp of each block: Tc * BH * 4); the tutorial kernels need none.
+int64_t dq_progress_ints(int64_t BH, int Nk, Kernel kernel) {
+    return kernel == Kernel::fast ? cdiv(Nk, fast::Bc) * BH * fast::WARPS : 0;
 }
 
 constexpr size_t FAST_FORWARD_SMEM = 5 * fast::TILE * sizeof(float);  // Q_i; K_j, V_j twice: 85 KB
@@ -1036,14 +1075,18 @@ cudaError_t forward(const float* q, const float* k, const float* v, float* o, fl
 
 // dq_partial (P * BH * Nq * d floats, with P = dq_partials(Nk, kernel)) selects the
 // deterministic mode when it is not null; else dq must be zeroed (the kernel adds into it).
+// dq_progress: dq_progress_ints(BH, Nk, kernel) ints in the deterministic mode (zeroed
+// here), else unused.
 cudaError_t backward(const float* dout, const float* q, const float* k, const float* v,
                      const float* o, const float* L, float* D, float* dq, float* dq_partial,
-                     float* dk, float* dv, int64_t BH, int Nq, int Nk, float softmax_scale,
-                     bool causal, Kernel kernel, cudaStream_t stream) {
+                     int* dq_progress, float* dk, float* dv, int64_t BH, int Nq, int Nk,
+                     float softmax_scale, bool causal, Kernel kernel, cudaStream_t stream) {
     if (BH == 0 || Nk == 0) return cudaSuccess;
     const int64_t Tr = cdiv(Nq, Br);
     const int Tc = kernel == Kernel::fast ? cdiv(Nk, fast::Bc) : cdiv(Nk, Bc);
-    const int slots = dq_partial ? dq_partials(Nk, kernel) : Tc;
+    const int P = dq_partials(Nk, kernel);
+    // The tutorial kernels' deterministic mode has P blocks per head, one per buffer.
+    const int slots = kernel == Kernel::tutorial && dq_partial ? P : Tc;
     if (BH * Tr > INT32_MAX || BH * slots > INT32_MAX) return cudaErrorInvalidConfiguration;
     if (Nq > 0) {
         flash_backward_preprocess<<<(unsigned)(BH * Tr), THREADS, 0, stream>>>(dout, o, D, Nq);
@@ -1058,8 +1101,13 @@ cudaError_t backward(const float* dout, const float* q, const float* k, const fl
                                                cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                (int)FAST_BACKWARD_SMEM);
         if (err != cudaSuccess) return err;
+        if (dq_partial) {
+            err = cudaMemsetAsync(dq_progress, 0, dq_progress_ints(BH, Nk, kernel) * sizeof(int), stream);
+            if (err != cudaSuccess) return err;
+        }
         fast::backward_kernel<<<(unsigned)(BH * slots), fast::THREADS, FAST_BACKWARD_SMEM, stream>>>(
-            q, k, v, dout, L, D, dq, dq_partial, dk, dv, BH, Nq, Nk, slots, softmax_scale, causal);
+            q, k, v, dout, L, D, dq, dq_partial, dq_progress, dk, dv, BH, Nq, Nk, P, softmax_scale,
+            causal);
     }
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess || !dq_partial || Nq == 0) return err;
@@ -1067,7 +1115,7 @@ cudaError_t backward(const float* dout, const float* q, const float* k, const fl
     const int64_t n4 = BH * Nq * d / 4;
     const unsigned sum_blocks = (unsigned)std::min<int64_t>((n4 + THREADS - 1) / THREADS, 65536);
     dq_partials_sum_kernel<<<sum_blocks, THREADS, 0, stream>>>(
-        reinterpret_cast<const float4*>(dq_partial), reinterpret_cast<float4*>(dq), n4, slots, Nq,
+        reinterpret_cast<const float4*>(dq_partial), reinterpret_cast<float4*>(dq), n4, P, Nq,
         kernel == Kernel::fast ? fast::Br : Br, causal);
     return cudaGetLastError();
 }
@@ -1142,15 +1190,18 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q, co
     auto dk = at::empty_like(k);
     auto dv = at::empty_like(v);
     auto D = at::empty_like(L);
-    at::Tensor dq_partial;
-    if (deterministic)
-        dq_partial = at::empty({flash::dq_partials(Nk, kernel_named(kernel)), BH, Nq, flash::d},
-                               q.options());
+    const flash::Kernel which = kernel_named(kernel);
+    at::Tensor dq_partial, dq_progress;
+    if (deterministic) {
+        dq_partial = at::empty({flash::dq_partials(Nk, which), BH, Nq, flash::d}, q.options());
+        dq_progress = at::empty({flash::dq_progress_ints(BH, Nk, which)}, q.options().dtype(at::kInt));
+    }
     C10_CUDA_CHECK(flash::backward(
         dout.data_ptr<float>(), q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
         o.data_ptr<float>(), L.data_ptr<float>(), D.data_ptr<float>(), dq.data_ptr<float>(),
-        deterministic ? dq_partial.data_ptr<float>() : nullptr, dk.data_ptr<float>(),
-        dv.data_ptr<float>(), BH, Nq, Nk, (float)softmax_scale, causal, kernel_named(kernel),
+        deterministic ? dq_partial.data_ptr<float>() : nullptr,
+        deterministic ? dq_progress.data_ptr<int>() : nullptr, dk.data_ptr<float>(),
+        dv.data_ptr<float>(), BH, Nq, Nk, (float)softmax_scale, causal, which,
         at::cuda::getCurrentCUDAStream()));
     return {dq, dk, dv};
 }
