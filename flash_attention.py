@@ -32,19 +32,20 @@ __all__ = ["flash_attention", "FlashAttention"]
 HEAD_DIM = 64  # the only head dimension the kernels are built for
 Br = 16  # query rows in a tile of the reference and the tutorial kernels
 Bc = 16  # key/value rows in a tile of the reference and the tutorial kernels
-DQ_PARTIALS = 16  # most dQ partial buffers of the deterministic backward
 KERNELS = ("fast", "tutorial")  # the kernel families of flash_attention.cu; the first is the default
 KEY_TILE = {"fast": 64, "tutorial": Bc}  # keys in a tile of each kernel family
+DQ_PARTIALS = {"fast": 8, "tutorial": 16}  # most dQ partial buffers of the deterministic backward
 
 
 def dq_partials(Nk: int, kernel: str = "tutorial") -> int:
-    """Number P of dQ partial buffers the deterministic backward uses: min(Tc, DQ_PARTIALS).
+    """Number P of dQ partial buffers the deterministic backward uses: min(Tc, DQ_PARTIALS[kernel]).
 
     Tc = ceil(Nk / tile) is the number of key tiles: 64 keys for the fast kernels, 16 for
-    the tutorial kernels and the reference. P depends only on Nk and the tile size. The
-    deterministic backward's extra memory is P * B * H * Nq * 64 float32 values (4 bytes each).
+    the tutorial kernels and the reference; at most 8 buffers for the fast kernels, 16 for
+    the others. P depends only on Nk and the kernel family. The deterministic backward's
+    extra memory is P * B * H * Nq * 64 float32 values (4 bytes each).
     """
-    return min(math.ceil(Nk / KEY_TILE[kernel]), DQ_PARTIALS)
+    return min(math.ceil(Nk / KEY_TILE[kernel]), DQ_PARTIALS[kernel])
 
 
 # ----------------------------------------------------------------------------------------

@@ -112,6 +112,12 @@ def test_deterministic_batch_and_head_invariant(causal, kernel):
         assert torch.equal(x[:, 1:2], y), f"{name} of head 1"
 
 
+@pytest.mark.parametrize("kernel", fa.KERNELS)
+def test_kernels_use_the_documented_number_of_partial_buffers(kernel):
+    for Nk in (1, 16, 17, 64, 65, 448, 512, 513, 1024, 1025, 100000):
+        assert fa._extension().dq_partials(Nk, kernel) == fa.dq_partials(Nk, kernel), Nk
+
+
 def test_use_deterministic_algorithms_selects_deterministic_mode():
     q, k, v = random_qkv(2, 4, 2000, 2000, device="cuda", seed=10)
     dout = torch.randn(2, 4, 2000, 64, device="cuda")
@@ -191,9 +197,9 @@ def _peak_mib(N, deterministic, kernel, H=2):
 def test_memory_grows_linearly_up_to_16384(deterministic, kernel):
     tensor_mib = 2 * 16384 * 64 * 4 / 2**20  # one (1, 2, 16384, 64) float32 tensor: 8 MiB
     small, large = _peak_mib(4096, deterministic, kernel), _peak_mib(16384, deterministic, kernel)
-    # out, dq, dk, dv and the small L, D; plus P = 16 dQ partial buffers when deterministic.
+    # out, dq, dk, dv and the small L, D; plus P dQ partial buffers when deterministic.
     # The score matrix alone would be 2 * 16384^2 * 4 bytes = 2048 MiB.
-    assert large <= (6 + (fa.DQ_PARTIALS if deterministic else 0)) * tensor_mib
+    assert large <= (6 + (fa.dq_partials(16384, kernel) if deterministic else 0)) * tensor_mib
     assert large / small <= 4.5  # 4x the length, 4x the memory: linear, not quadratic (16x)
 
 
