@@ -449,7 +449,7 @@ constexpr int STRIDE = d + 4;     // floats from one row of a shared tile to the
 constexpr int TILE = 64 * STRIDE; // floats in a shared tile (17 KB)
 // Most dQ partial buffers in the deterministic backward. Fewer buffers cost less memory and
 // less summing (the sum kernel reads P copies of dQ), and make each buffer's chain of key
-// tiles longer; 8 measured faster than 16 at every size from N = 1024 up (NOTES.md).
+// tiles longer; 8 measured as fast as 16 or faster from N = 2048 up (benchmarks/NOTES.md).
 constexpr int DQ_PARTIALS = 8;
 constexpr float LOG2E = 1.4426950408889634f;
 
