@@ -835,10 +835,12 @@ forward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const f
 // Tile j < P stores (it is the first), the others add. Each warp publishes, after each
 // query tile, how many query tiles it has written (dQ_progress, one int per warp of each
 // block, zeroed before the launch), and before it writes query tile i, waits until warp w
-// of tile j - P has published more than i. That block was launched earlier and waits only
-// on earlier blocks itself, so the chain always moves. The blocks are scheduled as in the
-// default mode, so deterministic and default runs take about the same time; the tutorial
-// kernels, simpler, give each buffer one block that walks its key tiles in turn.
+// of tile j - P has published more than i. The GPU starts blocks in the order of their
+// index (CUDA does not promise it, but CUTLASS's and FlashAttention's semaphores rely on it
+// too), so block j - P has started before block j, and it waits only on earlier blocks
+// itself: the chain always moves. The blocks are scheduled as in the default mode, so
+// deterministic and default runs take about the same time; the tutorial kernels, simpler,
+// give each buffer one block that walks its key tiles in turn.
 //   line 7  (load K_j, V_j)             : cp.async, once per j
 //   line 8  (dK_j = dV_j = 0)           : dk[8][4], dv[8][4] in registers
 //   line 9  (for i)                     : causal starts at i = j, the diagonal tile
