@@ -834,17 +834,23 @@ forward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const f
 // additions into each buffer is j's order, whatever the order in which the blocks run.
 // Tile j < P stores (it is the first), the others add. Each warp publishes, after each
 // query tile, how many query tiles it has written (dQ_progress, one int per warp of each
-// block, zeroed before the launch), and before it writes query tile i, waits until warp w
-// of tile j - P has published more than i. The GPU starts blocks in the order of their
-// index (CUDA does not promise it, but CUTLASS's and FlashAttention's semaphores rely on it
-// too), so block j - P has started before block j, and it waits only on earlier blocks
-// itself: the chain always moves. The blocks are scheduled as in the default mode, so
+// block, zeroed before the launch), and before it writes the query tile of its step n,
+// waits until warp w of tile j - P has published more than n. Step n is the same query
+// tile in both blocks, because both sweep the same way: upward from query tile 0 when
+// non-causal, downward from the last query tile when causal. (Causal and upward, tile j
+// would start at query tile j and wait for tile j - P to walk P tiles before its first
+// write: 17% over the default mode instead of 6% at B = 2, H = 8, N = 1024. Downward, both
+// start together, and the tiles that only j - P sees come last.) The GPU starts blocks in the order of their index (CUDA
+// does not promise it, but CUTLASS's and FlashAttention's semaphores rely on it too), so
+// block j - P has started before block j, and it waits only on earlier blocks itself:
+// the chain always moves. The blocks are scheduled as in the default mode, so
 // deterministic and default runs take about the same time; the tutorial kernels, simpler,
 // give each buffer one block that walks its key tiles in turn.
 //   line 7  (load K_j, V_j)             : cp.async, once per j
 //   line 8  (dK_j = dV_j = 0)           : dk[8][4], dv[8][4] in registers
-//   line 9  (for i)                     : causal starts at i = j, the diagonal tile
-//   line 10 (load Q_i, dO_i, L_i, D_i)  : cp.async; tile i + 1 loads while dQ_i is computed
+//   line 9  (for i)                     : non-causal i = 0 .. Tr - 1; causal i = Tr - 1 down
+//                                         to j, the diagonal tile
+//   line 10 (load Q_i, dO_i, L_i, D_i)  : cp.async; the next tile loads while dQ_i is computed
 //   line 11 (S_ij^T = K_j Q_i^T)        : s[8][4]: keys as rows, queries as columns
 //   line 13 (P_ij = exp(S_ij - L_i))    : in place in s, from the saved logsumexp
 //   line 16 (dV_j += P_ij^T dO_i)       : as soon as P is known; P^T waits in dSs
@@ -904,9 +910,16 @@ backward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const 
 
     float dk[8][4], dv[8][4];
 
-    // Lines 11-22 for the tiles i, j; ends with tile i + 1 loading.
+    // Line 9's sweep: i = i_first, i_first + di, ..., up to i_end (excluded). Non-causal: 0,
+    // 1, ..., Tr - 1. Causal: Tr - 1 down to j, as the queries before tile j see none of its
+    // keys (why downward: see the deterministic mode above).
+    const int i_first = causal ? Tr - 1 : 0, di = causal ? -1 : 1;
+    const int i_end = causal ? min(j, Tr) - 1 : Tr;
+
+    // Lines 11-22 for the tiles i, j; ends with the next query tile loading.
     auto step = [&](int i, auto kind) {
         constexpr bool edge = decltype(kind)::edge;
+        const int n = (i - i_first) * di;           // the step's number: 0, 1, ...
         // Causal, tile i = j: queries 0 .. 16w - 1 of the tile are hidden from all keys of
         // warp w (column blocks < 2w), and keys 16w + 16 .. 63 from its queries.
         const bool diagonal = edge && causal && i == j;
@@ -938,9 +951,9 @@ backward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const 
 
         // line 17: dP^T = V_j dO_i^T; lines 19-20: dS = P (dP - D), 0 if hidden
         mma_rows_tiles(s, Vs, r0, dOs, first, 8);
-        // Deterministic mode: publish that query tiles up to i - 1 are written. Half a step
-        // after their writes, which have completed by now, the release costs little.
-        if (progress && lane0) store_release(progress, i);
+        // Deterministic mode: publish that the query tiles of steps 0 .. n - 1 are written.
+        // Half a step after their writes, which have completed by now, the release costs little.
+        if (progress && lane0) store_release(progress, n);
 #pragma unroll
         for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
@@ -958,7 +971,7 @@ backward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const 
         add_to(dk, part);
         if (diagonal && __any_sync(0xffffffffu, bad_Q)) add_nonfinite_products(dk, dSs, Qs, r0, true);
         __syncthreads();                            // dS_ij is complete; Q_i, dO_i, L_i, D_i are read
-        if (i + 1 < Tr) load_query_tile(i + 1);     // line 10 for i + 1, while dQ_i is computed
+        if (i + di != i_end) load_query_tile(i + di);  // line 10, next tile, while dQ_i is computed
 
         // line 21: dQ_i += scale dS_ij K_j for the warp's 16 queries (rows r0 .. r0 + 15)
 #pragma unroll
@@ -968,12 +981,13 @@ backward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const 
         }
         const bool bad_K = mma_tile(part, s, Ks, 0, diagonal ? 2 * w + 2 : 8, mixed);
         if (diagonal && __any_sync(0xffffffffu, bad_K)) add_nonfinite_products(part, dSs, Ks, r0, false);
-        // Deterministic mode: wait until tile j - P has written these rows of query tile i.
-        // Tile j < P stores (it comes first, and as Br = Bc, reaches every query tile that a
-        // later tile j + nP of its buffer reaches); the others add, atomically but alone.
+        // Deterministic mode: wait until tile j - P has written these rows of query tile i
+        // (its step n too). Tile j < P stores (it comes first, and as Br = Bc, reaches every
+        // query tile that a later tile j + nP of its buffer reaches); the others add,
+        // atomically but alone.
         if (previous) {
             if (lane0)
-                while (previous_done <= i) previous_done = load_acquire(previous);
+                while (previous_done <= n) previous_done = load_acquire(previous);
             __syncwarp();
         }
 #pragma unroll
@@ -984,27 +998,25 @@ backward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const 
             for (int nb = 0; nb < 8; ++nb) {
                 float2* out = reinterpret_cast<float2*>(dQ_out + (int64_t)row * d + 8 * nb + 2 * t);
                 const float2 x = make_float2(softmax_scale * part[nb][2 * h], softmax_scale * part[nb][2 * h + 1]);
-                if (!dQ_partial) atomic_add2(out, x);
-                else if (j < P) *out = x;
+                if (dQ_partial && j < P) *out = x;
                 else atomic_add2(out, x);
             }
         }
     };
 
-    const int i_start = causal ? j : 0;             // queries before tile j see none of its keys
 #pragma unroll
     for (int nb = 0; nb < 8; ++nb)                  // line 8
 #pragma unroll
         for (int e = 0; e < 4; ++e) dk[nb][e] = dv[nb][e] = 0.f;
 
-    if (i_start < Tr) {
+    if (i_first != i_end) {
         load_tile_async(Ks, K, j * Bc, Nk);         // line 7
         load_tile_async(Vs, V, j * Bc, Nk);
-        load_query_tile(i_start);
+        load_query_tile(i_first);
     }
-    for (int i = i_start; i < Tr; ++i) {            // line 9
+    for (int i = i_first; i != i_end; i += di) {    // line 9
         cp_async_wait_all();
-        __syncthreads();                            // tile i landed; all warps are done with dSs of i - 1
+        __syncthreads();                            // tile i landed; all warps are done with dSs of the last one
         const bool edge = (causal && i == j) || (i + 1) * Br > Nq || (j + 1) * Bc > Nk;
         if (edge) step(i, Edge());
         else step(i, Interior());
