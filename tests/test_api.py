@@ -112,25 +112,25 @@ def test_bad_input_raises_a_clear_error(case):
 
 def test_deterministic_none_follows_torch_setting(monkeypatch):
     seen = []
-    real = torch.ops.flash_attention.forward
+    real = torch.ops.flash_attention.backward
 
     class Spy:
         def __call__(self, *args):
-            seen.append(args[5])
+            seen.append(args[8])
             return real(*args)
 
     import flash_attention as fa
-    monkeypatch.setattr(fa.torch.ops.flash_attention, "forward", Spy())
-    q, k, v = random_qkv(1, 1, 4, 4)
-    flash_attention(q, k, v)
+    monkeypatch.setattr(fa.torch.ops.flash_attention, "backward", Spy())
+    q, k, v = random_qkv(1, 1, 4, 4, requires_grad=True)
+    flash_attention(q, k, v).sum().backward()
     was = torch.are_deterministic_algorithms_enabled()
     try:
         torch.use_deterministic_algorithms(True)
-        flash_attention(q, k, v)
-        flash_attention(q, k, v, deterministic=False)
+        flash_attention(q, k, v).sum().backward()
+        flash_attention(q, k, v, deterministic=False).sum().backward()
     finally:
         torch.use_deterministic_algorithms(was)
-    flash_attention(q, k, v, deterministic=True)
+    flash_attention(q, k, v, deterministic=True).sum().backward()
     assert seen == [False, True, False, True]
 
 
@@ -153,9 +153,18 @@ def test_torch_compile_fullgraph(causal):
     assert all(torch.equal(a, b) for a, b in zip(grads, grads_ref))
 
 
+def test_the_ops_are_not_differentiable_flash_attention_is():
+    q, k, v = random_qkv(1, 2, 9, 12, seed=11, requires_grad=True)
+    out, L = torch.ops.flash_attention.forward(q, k, v, False, 0.125, "tutorial")
+    assert not out.requires_grad and not L.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        out.sum().backward()
+    assert flash_attention(q, k, v).requires_grad
+
+
 def test_opcheck():
     q, k, v = random_qkv(2, 2, 19, 33, seed=10, requires_grad=True)
-    torch.library.opcheck(torch.ops.flash_attention.forward.default, (q, k, v, True, 0.125, True, "tutorial"))
-    out, L = torch.ops.flash_attention.forward(q, k, v, True, 0.125, True, "tutorial")
-    args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), L, True, 0.125, True, "tutorial")
+    torch.library.opcheck(torch.ops.flash_attention.forward.default, (q, k, v, True, 0.125, "tutorial"))
+    out, L = torch.ops.flash_attention.forward(q, k, v, True, 0.125, "tutorial")
+    args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, L, True, 0.125, True, "tutorial")
     torch.library.opcheck(torch.ops.flash_attention.backward.default, args)

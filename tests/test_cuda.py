@@ -162,11 +162,10 @@ def test_torch_compile_fullgraph(causal):
 @pytest.mark.parametrize("kernel", fa.KERNELS)
 def test_opcheck(kernel):
     q, k, v = random_qkv(2, 2, 45, 70, device="cuda", seed=13, requires_grad=True)
+    torch.library.opcheck(torch.ops.flash_attention.forward.default, (q, k, v, True, 0.125, kernel))
+    out, L = torch.ops.flash_attention.forward(q, k, v, True, 0.125, kernel)
     for deterministic in (False, True):
-        torch.library.opcheck(torch.ops.flash_attention.forward.default, (q, k, v, True, 0.125, deterministic, kernel))
-        out, L = torch.ops.flash_attention.forward(q, k, v, True, 0.125, deterministic, kernel)
-        args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), L, True, 0.125,
-                deterministic, kernel)
+        args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, L, True, 0.125, deterministic, kernel)
         torch.library.opcheck(torch.ops.flash_attention.backward.default, args)
 
 

@@ -37,7 +37,7 @@ def test_softmax_scale():
 
 def test_logsumexp_is_saved():
     q, k, v = random_qkv(2, 2, 33, 50, seed=4)
-    _, L = torch.ops.flash_attention.forward(q, k, v, False, 0.125, False, "tutorial")
+    _, L = torch.ops.flash_attention.forward(q, k, v, False, 0.125, "tutorial")
     ref = torch.logsumexp(0.125 * q.double() @ k.double().transpose(-1, -2), dim=-1)
     assert L.shape == (2, 2, 33)
     assert max_err(L, ref) <= 1e-5
