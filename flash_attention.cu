@@ -74,6 +74,12 @@ static_assert(SMEM_STRIDE % 4 == 0, "rows of a shared tile must stay 16-byte ali
 
 __host__ __device__ constexpr int cdiv(int a, int b) { return (a + b - 1) / b; }
 
+// Drop the 128-byte line at p (128-byte aligned) from L2 without writing it back: its data
+// becomes undefined. For buffers that are dead.
+__device__ __forceinline__ void discard_l2_line(const void* p) {
+    asm volatile("discard.global.L2 [%0], 128;\n" :: "l"(p) : "memory");
+}
+
 // -----------------------------------------------------------------------------
 // Device helpers
 // -----------------------------------------------------------------------------
@@ -392,10 +398,16 @@ flash_backward_kernel(const float* __restrict__ Q,   // (B, H, Nq, d)
 // it reaches: all of them, or, causal, the tiles i >= p (as Br = Bc, the queries of tile i see
 // no key of a tile j > i). So a row of query tile i sums the partials 0 .. P - 1, or, causal,
 // 0 .. min(P - 1, i): the others were never written.
+// The partial buffers are dead once summed, but many of their lines, just written, are still
+// in L2, which would write them back to DRAM later (up to P copies of dQ). discard.global.L2
+// drops a 128-byte line without writing it back: the first of the 8 threads that read a line
+// (float4 each, all of one row) discards it once all 8 are done. About 2% of the
+// deterministic backward at N = 1024 (benchmarks/NOTES.md).
 __global__ void dq_partials_sum_kernel(const float4* __restrict__ dQ_partial,  // (P, n4)
                                        float4* __restrict__ dQ,                // (n4)
                                        int64_t n4, int P, int Nq, int tile_rows, bool causal) {
     const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    const bool whole_lines = reinterpret_cast<uintptr_t>(dQ_partial) % 128 == 0;  // n4 % 8 == 0
     for (int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; idx < n4; idx += stride) {
         const int row = (int)(idx / (d / 4) % Nq);
         const int parts = causal ? min(P, row / tile_rows + 1) : P;
@@ -405,6 +417,9 @@ __global__ void dq_partials_sum_kernel(const float4* __restrict__ dQ_partial,  /
             sum.x += x.x; sum.y += x.y; sum.z += x.z; sum.w += x.w;
         }
         dQ[idx] = sum;
+        __syncwarp(__activemask());  // the 8 threads of each line have read it (in-range lanes: whole rows)
+        if (whole_lines && idx % 8 == 0)
+            for (int p = 0; p < parts; ++p) discard_l2_line(dQ_partial + p * n4 + idx);
     }
 }
 
