@@ -265,20 +265,20 @@ torch.library.register_fake("flash_attention::backward", _backward_fake, lib=_li
 
 
 class _FlashAttentionFunction(torch.autograd.Function):
-    """Autograd: the forward op saves O and L; the backward op recomputes P from them."""
+    """Autograd: the forward op saves O and L; the backward op recomputes P from them.
+
+    forward takes ctx itself: with a separate setup_context, Function.apply binds the
+    arguments with inspect.signature on every call, which costs more than the op.
+    """
 
     @staticmethod
-    def forward(q, k, v, causal, softmax_scale, deterministic, kernel):
-        return torch.ops.flash_attention.forward(q, k, v, causal, softmax_scale, kernel)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        q, k, v, causal, softmax_scale, deterministic, kernel = inputs
-        out, L = output
+    def forward(ctx, q, k, v, causal, softmax_scale, deterministic, kernel):
+        out, L = torch.ops.flash_attention.forward(q, k, v, causal, softmax_scale, kernel)
         ctx.save_for_backward(q, k, v, out, L)
         ctx.mark_non_differentiable(L)
         ctx.set_materialize_grads(False)  # L has no gradient: no tensor of zeros for it
         ctx.settings = (causal, softmax_scale, deterministic, kernel)
+        return out, L
 
     @staticmethod
     def backward(ctx, dout, dL):
