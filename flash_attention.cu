@@ -855,10 +855,10 @@ forward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const f
 // non-causal, downward from the last query tile when causal. (Causal and upward, tile j
 // would start at query tile j and wait for tile j - P to walk P tiles before its first
 // write: 17% over the default mode instead of 6% at B = 2, H = 8, N = 1024. Downward, both
-// start together, and the tiles that only j - P sees come last.) The GPU starts blocks in the order of their index (CUDA
-// does not promise it, but CUTLASS's and FlashAttention's semaphores rely on it too), so
-// block j - P has started before block j, and it waits only on earlier blocks itself:
-// the chain always moves. The blocks are scheduled as in the default mode, so
+// start together, and the tiles that only j - P sees come last.) The GPU starts blocks in
+// the order of their index (CUDA does not promise it, but CUTLASS's and FlashAttention's
+// semaphores rely on it too), so block j - P has started before block j, and it waits only
+// on earlier blocks itself: the chain always moves. The blocks are scheduled as in the default mode, so
 // deterministic and default runs take about the same time; the tutorial kernels, simpler,
 // give each buffer one block that walks its key tiles in turn.
 //   line 7  (load K_j, V_j)             : cp.async, once per j
