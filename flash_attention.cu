@@ -858,9 +858,9 @@ forward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const f
 // start together, and the tiles that only j - P sees come last.) The GPU starts blocks in
 // the order of their index (CUDA does not promise it, but CUTLASS's and FlashAttention's
 // semaphores rely on it too), so block j - P has started before block j, and it waits only
-// on earlier blocks itself: the chain always moves. The blocks are scheduled as in the default mode, so
-// deterministic and default runs take about the same time; the tutorial kernels, simpler,
-// give each buffer one block that walks its key tiles in turn.
+// on earlier blocks itself: the chain always moves. The blocks are scheduled as in the
+// default mode, so deterministic and default runs take about the same time; the tutorial
+// kernels, simpler, give each buffer one block that walks its key tiles in turn.
 //   line 7  (load K_j, V_j)             : cp.async, once per j
 //   line 8  (dK_j = dV_j = 0)           : dk[8][4], dv[8][4] in registers
 //   line 9  (for i)                     : non-causal i = 0 .. Tr - 1; causal i = Tr - 1 down
