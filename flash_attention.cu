@@ -74,15 +74,15 @@ static_assert(SMEM_STRIDE % 4 == 0, "rows of a shared tile must stay 16-byte ali
 
 __host__ __device__ constexpr int cdiv(int a, int b) { return (a + b - 1) / b; }
 
+// -----------------------------------------------------------------------------
+// Device helpers
+// -----------------------------------------------------------------------------
+
 // Drop the 128-byte line at p (128-byte aligned) from L2 without writing it back: its data
 // becomes undefined. For buffers that are dead.
 __device__ __forceinline__ void discard_l2_line(const void* p) {
     asm volatile("discard.global.L2 [%0], 128;\n" :: "l"(p) : "memory");
 }
-
-// -----------------------------------------------------------------------------
-// Device helpers
-// -----------------------------------------------------------------------------
 
 // Thread t works on tile row t / 16 and on lane t % 16 of that row: the score S[row][lane]
 // and the four columns 4 * lane .. 4 * lane + 3 of the row's output.
