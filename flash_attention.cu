@@ -33,10 +33,12 @@
 //   p + 2P, ... add, in that order. The tutorial kernels get that order by giving buffer p
 //   one block, which walks those key tiles in turn; the fast kernels keep one block per key
 //   tile and make block j wait, per query tile, until block j - P has written it. A last
-//   kernel sums the P buffers in the order p = 0, 1, ..., P-1. P depends only on Nk and the
-//   tile size, so the result depends neither on B, H nor on the GPU.
+//   kernel sums the P buffers in the order p = 0, 1, ..., P-1. P depends only on Nk, the
+//   tile size and (fast kernels) causal, so the result depends neither on B, H nor on the
+//   GPU. With P = 1 the one buffer is dQ itself, and there is nothing to sum.
 //   Extra memory: P * B * H * Nq * 64 floats, P = min(ceil(Nk / 16), 16) for the tutorial
-//   kernels and min(ceil(Nk / 64), 8) for the fast ones (plus 4 ints per fast block).
+//   kernels and min(ceil(Nk / 64), 8) for the fast ones (plus 4 ints per fast block); none
+//   for the fast causal backward up to Nk = 1024 (P = 1).
 //
 // Build and test
 //   ./install.sh && ./test_installation.sh     (the Python extension, then every test)
@@ -462,10 +464,16 @@ constexpr int THREADS = 32 * WARPS;
 constexpr int MMA_M = 16;         // rows of one warp's share of a tile
 constexpr int STRIDE = d + 4;     // floats from one row of a shared tile to the next
 constexpr int TILE = 64 * STRIDE; // floats in a shared tile (17 KB)
-// Most dQ partial buffers in the deterministic backward. Fewer buffers cost less memory and
-// less summing (the sum kernel reads P copies of dQ), and make each buffer's chain of key
-// tiles longer; 8 measured as fast as 16 or faster from N = 2048 up (benchmarks/NOTES.md).
+// Most dQ partial buffers in the deterministic backward, non-causal. Fewer buffers cost less
+// memory and less summing (the sum kernel reads P copies of dQ), and make each buffer's
+// chain of key tiles longer; 8 measured as fast as 16 or faster from N = 2048 up
+// (benchmarks/NOTES.md). Causal, one buffer, dQ itself, up to SINGLE_CHAIN key tiles.
 constexpr int DQ_PARTIALS = 8;
+// Causal, the deterministic backward with at most this many key tiles (1024 keys) chains
+// them all into dQ itself (P = 1, see the backward below). Longer, one chain measured +14%
+// to +21% over the default mode at B = 2, H = 8, N = 2048..8192, against +5% or less with
+// 8 buffers (benchmarks/NOTES.md).
+constexpr int SINGLE_CHAIN = 16;
 constexpr float LOG2E = 1.4426950408889634f;
 
 static_assert(Br == WARPS * MMA_M && Bc == WARPS * MMA_M, "a warp owns 16 rows of a tile");
@@ -845,8 +853,9 @@ forward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const f
 // and dV_j, and queries 64i + 16w .. + 15 for dQ_i.
 //
 // Deterministic mode: key tile j adds its dQ shares into partial buffer p = j mod P
-// (P = min(Tc, DQ_PARTIALS)), after tile j - P and before tile j + P: the order of the
-// additions into each buffer is j's order, whatever the order in which the blocks run.
+// (P = min(Tc, DQ_PARTIALS); 1 when causal and Tc <= SINGLE_CHAIN), after tile j - P and
+// before tile j + P: the order of the additions into each buffer is j's order, whatever the
+// order in which the blocks run.
 // Tile j < P stores (it is the first), the others add. Each warp publishes, after each
 // query tile, how many query tiles it has written (dQ_progress, one int per warp of each
 // block, zeroed before the launch), and before it writes the query tile of its step n,
@@ -855,12 +864,16 @@ forward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const f
 // non-causal, downward from the last query tile when causal. (Causal and upward, tile j
 // would start at query tile j and wait for tile j - P to walk P tiles before its first
 // write: 17% over the default mode instead of 6% at B = 2, H = 8, N = 1024. Downward, both
-// start together, and the tiles that only j - P sees come last.) The GPU starts blocks in
-// the order of their index (CUDA does not promise it, but CUTLASS's and FlashAttention's
-// semaphores rely on it too), so block j - P has started before block j, and it waits only
-// on earlier blocks itself: the chain always moves. The blocks are scheduled as in the
-// default mode, so deterministic and default runs take about the same time; the tutorial
-// kernels, simpler, give each buffer one block that walks its key tiles in turn.
+// start together, and the tiles that only j - P sees come last. So a short causal
+// backward needs no more than one buffer: tile j trails tile j - 1 by part of a step, but
+// has one query tile less to walk, and dQ itself is the buffer: no sum. Non-causal, every
+// tile walks every query tile, and a chain of Tc tiles that run at once would end Tc
+// part-steps late.) The GPU starts blocks in the order of their index (CUDA does not
+// promise it, but CUTLASS's and FlashAttention's semaphores rely on it too), so block
+// j - P has started before block j, and it waits only on earlier blocks itself: the chain
+// always moves. The blocks are scheduled as in the default mode, so deterministic and
+// default runs take about the same time; the tutorial kernels, simpler, give each buffer
+// one block that walks its key tiles in turn.
 //   line 7  (load K_j, V_j)             : cp.async, once per j
 //   line 8  (dK_j = dV_j = 0)           : dk[8][4], dv[8][4] in registers
 //   line 9  (for i)                     : non-causal i = 0 .. Tr - 1; causal i = Tr - 1 down
@@ -1066,11 +1079,14 @@ backward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const 
 enum class Kernel { fast, tutorial };
 
 // How many dQ partial buffers the deterministic backward uses: P = min(Tc, DQ_PARTIALS),
-// Tc = the number of key tiles (of 64 keys for the fast kernels, 16 for the tutorial ones).
-int dq_partials(int Nk, Kernel kernel) {
+// Tc = the number of key tiles (of 64 keys for the fast kernels, 16 for the tutorial ones);
+// 1 for the fast kernels when causal and Tc <= SINGLE_CHAIN. With P = 1 the buffer is dq
+// itself.
+int dq_partials(int Nk, Kernel kernel, bool causal) {
     if (Nk == 0) return 0;
-    return kernel == Kernel::fast ? std::min(cdiv(Nk, fast::Bc), fast::DQ_PARTIALS)
-                                  : std::min(cdiv(Nk, Bc), DQ_PARTIALS);
+    if (kernel == Kernel::tutorial) return std::min(cdiv(Nk, Bc), DQ_PARTIALS);
+    const int Tc = cdiv(Nk, fast::Bc);
+    return causal && Tc <= fast::SINGLE_CHAIN ? 1 : std::min(Tc, fast::DQ_PARTIALS);
 }
 
 // How many ints the fast deterministic backward needs for its progress counters (one per
@@ -1105,8 +1121,9 @@ cudaError_t forward(const float* q, const float* k, const float* v, float* o, fl
     return cudaGetLastError();
 }
 
-// dq_partial (P * BH * Nq * d floats, with P = dq_partials(Nk, kernel)) selects the
-// deterministic mode when it is not null; else dq must be zeroed (the kernel adds into it).
+// dq_partial (P * BH * Nq * d floats, with P = dq_partials(Nk, kernel, causal); dq itself
+// when P = 1) selects the deterministic mode when it is not null; else dq must be zeroed
+// (the kernel adds into it).
 // dq_progress: dq_progress_ints(BH, Nk, kernel) ints in the deterministic mode (zeroed
 // here), else unused.
 cudaError_t backward(const float* dout, const float* q, const float* k, const float* v,
@@ -1116,7 +1133,7 @@ cudaError_t backward(const float* dout, const float* q, const float* k, const fl
     if (BH == 0 || Nk == 0) return cudaSuccess;
     const int64_t Tr = cdiv(Nq, Br);
     const int Tc = kernel == Kernel::fast ? cdiv(Nk, fast::Bc) : cdiv(Nk, Bc);
-    const int P = dq_partials(Nk, kernel);
+    const int P = dq_partials(Nk, kernel, causal);
     // The tutorial kernels' deterministic mode has P blocks per head, one per buffer.
     const int slots = kernel == Kernel::tutorial && dq_partial ? P : Tc;
     if (BH * Tr > INT32_MAX || BH * slots > INT32_MAX) return cudaErrorInvalidConfiguration;
@@ -1142,7 +1159,7 @@ cudaError_t backward(const float* dout, const float* q, const float* k, const fl
             causal);
     }
     cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess || !dq_partial || Nq == 0) return err;
+    if (err != cudaSuccess || !dq_partial || Nq == 0 || P == 1) return err;  // P = 1: dq is the buffer
 
     const int64_t n4 = BH * Nq * d / 4;
     const unsigned sum_blocks = (unsigned)std::min<int64_t>((n4 + THREADS - 1) / THREADS, 65536);
@@ -1225,7 +1242,8 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q, co
     const flash::Kernel which = kernel_named(kernel);
     at::Tensor dq_partial, dq_progress;
     if (deterministic) {
-        dq_partial = at::empty({flash::dq_partials(Nk, which), BH, Nq, flash::d}, q.options());
+        const int P = flash::dq_partials(Nk, which, causal);
+        dq_partial = P == 1 ? dq : at::empty({P, BH, Nq, flash::d}, q.options());
         dq_progress = at::empty({flash::dq_progress_ints(BH, Nk, which)}, q.options().dtype(at::kInt));
     }
     C10_CUDA_CHECK(flash::backward(
@@ -1245,8 +1263,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("forward", &forward, "O, L = forward(q, k, v, causal, softmax_scale, kernel)");
     m.def("backward", &backward,
           "dq, dk, dv = backward(dout, q, k, v, out, L, causal, softmax_scale, deterministic, kernel)");
-    m.def("dq_partials", [](int Nk, const std::string& kernel) {
-        return flash::dq_partials(Nk, kernel_named(kernel));
+    m.def("dq_partials", [](int Nk, const std::string& kernel, bool causal) {
+        return flash::dq_partials(Nk, kernel_named(kernel), causal);
     }, "P, the number of dQ partial buffers of the deterministic backward");
 }
 #endif  // FLASH_ATTENTION_WITH_TORCH

@@ -35,17 +35,23 @@ Bc = 16  # key/value rows in a tile of the reference and the tutorial kernels
 KERNELS = ("fast", "tutorial")  # the kernel families of flash_attention.cu; the first is the default
 KEY_TILE = {"fast": 64, "tutorial": Bc}  # keys in a tile of each kernel family
 DQ_PARTIALS = {"fast": 8, "tutorial": 16}  # most dQ partial buffers of the deterministic backward
+SINGLE_CHAIN = 16  # fast kernels, causal: up to this many key tiles, one buffer (dQ itself)
 
 
-def dq_partials(Nk: int, kernel: str = "tutorial") -> int:
-    """Number P of dQ partial buffers the deterministic backward uses: min(Tc, DQ_PARTIALS[kernel]).
+def dq_partials(Nk: int, kernel: str = "tutorial", causal: bool = False) -> int:
+    """Number P of dQ partial buffers the deterministic backward uses: min(Tc, DQ_PARTIALS[kernel]),
+    and 1 for the fast kernels when causal and Tc <= SINGLE_CHAIN (Nk <= 1024).
 
     Tc = ceil(Nk / tile) is the number of key tiles: 64 keys for the fast kernels, 16 for
     the tutorial kernels and the reference; at most 8 buffers for the fast kernels, 16 for
-    the others. P depends only on Nk and the kernel family. The deterministic backward's
-    extra memory is P * B * H * Nq * 64 float32 values (4 bytes each).
+    the others. P depends only on Nk, the kernel family and causal, not on B or H. The
+    deterministic backward's extra memory is P * B * H * Nq * 64 float32 values (4 bytes
+    each) when P > 1; with P = 1 the one buffer is dQ itself.
     """
-    return min(math.ceil(Nk / KEY_TILE[kernel]), DQ_PARTIALS[kernel])
+    Tc = math.ceil(Nk / KEY_TILE[kernel])
+    if kernel == "fast" and causal and 0 < Tc <= SINGLE_CHAIN:
+        return 1
+    return min(Tc, DQ_PARTIALS[kernel])
 
 
 # ----------------------------------------------------------------------------------------

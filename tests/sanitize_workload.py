@@ -1,7 +1,7 @@
 """A small workload for compute-sanitizer: every kernel, both backward modes, partial tiles,
 causal and not, Nq != Nk, and more key tiles than dQ partial buffers (Nk = 1100: the fast
-deterministic backward's blocks wait for each other). Run by tests/sanitize.sh; checks its own
-results against float64."""
+deterministic backward's blocks wait for each other; Nk = 1000, causal: one chain of 16 key
+tiles into dQ itself). Run by tests/sanitize.sh; checks its own results against float64."""
 
 import sys
 from pathlib import Path
@@ -16,7 +16,7 @@ from conftest import float64_grads, max_err, random_qkv  # noqa: E402
 for kernel in fa.KERNELS:
     for deterministic in (False, True):
         for causal in (False, True):
-            for Nq, Nk in ((1, 1), (17, 33), (40, 17), (70, 70), (130, 1100)):
+            for Nq, Nk in ((1, 1), (17, 33), (40, 17), (70, 70), (130, 1000), (130, 1100)):
                 q, k, v = random_qkv(2, 2, Nq, Nk, device="cuda", seed=Nq + Nk, requires_grad=True)
                 dout = torch.randn(2, 2, Nq, 64, device="cuda")
                 out = fa.flash_attention(q, k, v, causal=causal, deterministic=deterministic, kernel=kernel)

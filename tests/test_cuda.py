@@ -83,10 +83,12 @@ def test_keys_no_query_sees_get_zero_gradients(kernel):
 
 # ---------------------------------------------------------------------------- determinism contract
 
+# Nk = 1000 and 1500: fast and causal, one buffer (dq itself) and 8 buffers.
 @pytest.mark.parametrize("kernel", fa.KERNELS)
 @pytest.mark.parametrize("causal", [False, True])
-def test_deterministic_repeats_are_bit_identical(causal, kernel):
-    q, k, v = random_qkv(2, 4, 1000, 1500, device="cuda", seed=8)
+@pytest.mark.parametrize("Nk", [1000, 1500])
+def test_deterministic_repeats_are_bit_identical(Nk, causal, kernel):
+    q, k, v = random_qkv(2, 4, 1000, Nk, device="cuda", seed=8)
     dout = torch.randn(2, 4, 1000, 64, device="cuda")
     first = flash_grads(q, k, v, dout, causal=causal, deterministic=True, kernel=kernel)
     for _ in range(20):
@@ -97,8 +99,9 @@ def test_deterministic_repeats_are_bit_identical(causal, kernel):
 
 @pytest.mark.parametrize("kernel", fa.KERNELS)
 @pytest.mark.parametrize("causal", [False, True])
-def test_deterministic_batch_and_head_invariant(causal, kernel):
-    q, k, v = random_qkv(4, 3, 777, 1111, device="cuda", seed=9)
+@pytest.mark.parametrize("Nk", [999, 1111])
+def test_deterministic_batch_and_head_invariant(Nk, causal, kernel):
+    q, k, v = random_qkv(4, 3, 777, Nk, device="cuda", seed=9)
     dout = torch.randn(4, 3, 777, 64, device="cuda")
     batched = flash_grads(q, k, v, dout, causal=causal, deterministic=True, kernel=kernel)
     for b in range(4):
@@ -114,8 +117,9 @@ def test_deterministic_batch_and_head_invariant(causal, kernel):
 
 @pytest.mark.parametrize("kernel", fa.KERNELS)
 def test_kernels_use_the_documented_number_of_partial_buffers(kernel):
-    for Nk in (1, 16, 17, 64, 65, 448, 512, 513, 1024, 1025, 100000):
-        assert fa._extension().dq_partials(Nk, kernel) == fa.dq_partials(Nk, kernel), Nk
+    for Nk in (0, 1, 16, 17, 64, 65, 448, 512, 513, 1024, 1025, 100000):
+        for causal in (False, True):
+            assert fa._extension().dq_partials(Nk, kernel, causal) == fa.dq_partials(Nk, kernel, causal), (Nk, causal)
 
 
 def test_use_deterministic_algorithms_selects_deterministic_mode():
@@ -196,10 +200,18 @@ def _peak_mib(N, deterministic, kernel, H=2):
 def test_memory_grows_linearly_up_to_16384(deterministic, kernel):
     tensor_mib = 2 * 16384 * 64 * 4 / 2**20  # one (1, 2, 16384, 64) float32 tensor: 8 MiB
     small, large = _peak_mib(4096, deterministic, kernel), _peak_mib(16384, deterministic, kernel)
-    # out, dq, dk, dv and the small L, D; plus P dQ partial buffers when deterministic.
-    # The score matrix alone would be 2 * 16384^2 * 4 bytes = 2048 MiB.
-    assert large <= (6 + (fa.dq_partials(16384, kernel) if deterministic else 0)) * tensor_mib
+    # out, dq, dk, dv and the small L, D; plus P dQ partial buffers when deterministic (none
+    # when P = 1: dq is the buffer). The score matrix alone would be 2 * 16384^2 * 4 bytes = 2048 MiB.
+    P = fa.dq_partials(16384, kernel, causal=True)
+    assert large <= (6 + (P if deterministic and P > 1 else 0)) * tensor_mib
     assert large / small <= 4.5  # 4x the length, 4x the memory: linear, not quadratic (16x)
+
+
+def test_fast_causal_deterministic_backward_up_to_1024_keys_needs_no_buffer():
+    # P = 1: dq itself is the buffer; only the progress counters (16 * 4 * B * H ints) are extra.
+    assert fa.dq_partials(1024, "fast", causal=True) == 1
+    extra = _peak_mib(1024, True, "fast", H=8) - _peak_mib(1024, False, "fast", H=8)
+    assert extra < 1.0  # one (1, 8, 1024, 64) float32 buffer would be 2 MiB
 
 
 # ---------------------------------------------------------------------------- bad input on CUDA

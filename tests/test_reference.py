@@ -66,6 +66,8 @@ def test_batch_invariant(causal):
 def test_dq_partials_formula():
     assert [fa.dq_partials(n) for n in (1, 16, 17, 100, 256, 257, 100000)] == [1, 1, 2, 7, 16, 16, 16]
     assert [fa.dq_partials(n, "fast") for n in (1, 64, 65, 448, 512, 513, 100000)] == [1, 1, 2, 7, 8, 8, 8]
+    assert [fa.dq_partials(n, "fast", causal=True) for n in (1, 65, 1024, 1025, 100000)] == [1, 1, 1, 8, 8]
+    assert [fa.dq_partials(n, "tutorial", causal=True) for n in (1, 17, 100000)] == [1, 2, 16]
 
 
 def test_nan_in_a_hidden_key_stays_hidden():
