@@ -29,16 +29,16 @@
 //   tiles j = 0, 1, ... in order. The default backward adds dQ_i with atomicAdd, so the
 //   order of the additions (and the last bits of dQ) changes from run to run. The
 //   deterministic backward writes the dQ contributions of key tile j into partial buffer
-//   dQ_partial[j mod P], P = min(Tc, DQ_PARTIALS): tile p stores, then tiles p + P,
-//   p + 2P, ... add, in that order. The tutorial kernels get that order by giving buffer p
-//   one block, which walks those key tiles in turn; the fast kernels keep one block per key
-//   tile and make block j wait, per query tile, until block j - P has written it. A last
-//   kernel sums the P buffers in the order p = 0, 1, ..., P-1. P depends only on Nk, the
-//   tile size and (fast kernels) causal, so the result depends neither on B, H nor on the
-//   GPU. With P = 1 the one buffer is dQ itself, and there is nothing to sum.
-//   Extra memory: P * B * H * Nq * 64 floats, P = min(ceil(Nk / 16), 16) for the tutorial
-//   kernels and min(ceil(Nk / 64), 8) for the fast ones (plus 4 ints per fast block); none
-//   for the fast causal backward up to Nk = 1024 (P = 1).
+//   j mod P, P = min(Tc, DQ_PARTIALS): tile p stores, then tiles p + P, p + 2P, ... add,
+//   in that order. Buffer 0 is dQ itself. The tutorial kernels get that order by giving
+//   buffer p one block, which walks those key tiles in turn; the fast kernels keep one
+//   block per key tile and make block j wait, per query tile, until block j - P has
+//   written it. A last kernel adds buffers 1, 2, ..., P-1 to buffer 0, in that order. P
+//   depends only on Nk, the tile size and (fast kernels) causal, so the result depends
+//   neither on B, H nor on the GPU. With P = 1, dQ is the only buffer: nothing to sum.
+//   Extra memory: (P - 1) * B * H * Nq * 64 floats, P = min(ceil(Nk / 16), 16) for the
+//   tutorial kernels and min(ceil(Nk / 64), 4) for the fast ones (plus 4 ints per fast
+//   block); none for the fast causal backward up to Nk = 1024 (P = 1).
 //
 // Build and test
 //   ./install.sh && ./test_installation.sh     (the Python extension, then every test)
@@ -84,6 +84,14 @@ __host__ __device__ constexpr int cdiv(int a, int b) { return (a + b - 1) / b; }
 // becomes undefined. For buffers that are dead.
 __device__ __forceinline__ void discard_l2_line(const void* p) {
     asm volatile("discard.global.L2 [%0], 128;\n" :: "l"(p) : "memory");
+}
+
+// Where a backward block writes its dQ shares for head bh: partial buffer p of the
+// deterministic mode. Buffer 0 is dQ itself, which is also where the default mode adds;
+// buffers 1 .. P-1 lie in dQ_partial, (P - 1, B * H, Nq, d).
+__device__ __forceinline__ float* dq_buffer(float* dQ, float* dQ_partial, int p, int64_t bh,
+                                            int64_t BH, int Nq) {
+    return p == 0 ? dQ + bh * Nq * d : dQ_partial + ((p - 1) * BH + bh) * Nq * d;
 }
 
 // Thread t works on tile row t / 16 and on lane t % 16 of that row: the score S[row][lane]
@@ -292,10 +300,11 @@ flash_backward_kernel(const float* __restrict__ Q,   // (B, H, Nq, d)
                       const float* __restrict__ L,   // (B, H, Nq)
                       const float* __restrict__ D,   // (B, H, Nq)
                       float* __restrict__ dQ,        // (B, H, Nq, d), zeroed (default mode)
-                      float* __restrict__ dQ_partial,// (P, B, H, Nq, d), or nullptr
+                      float* __restrict__ dQ_partial,// (P - 1, B, H, Nq, d): buffers 1 .. P-1
                       float* __restrict__ dK,        // (B, H, Nk, d)
                       float* __restrict__ dV,        // (B, H, Nk, d)
-                      int64_t BH, int Nq, int Nk, int slots, float softmax_scale, bool causal) {
+                      int64_t BH, int Nq, int Nk, int slots, float softmax_scale, bool causal,
+                      bool deterministic) {
     __shared__ __align__(16) float Qi[Br][SMEM_STRIDE];
     __shared__ __align__(16) float dOi[Br][SMEM_STRIDE];
     __shared__ __align__(16) float Kj[Bc][SMEM_STRIDE];
@@ -316,7 +325,7 @@ flash_backward_kernel(const float* __restrict__ Q,   // (B, H, Nq, d)
     dK += bh * Nk * d;
     dV += bh * Nk * d;
     // Where this block adds dQ: atomically into dQ, or into its own partial buffer.
-    float* dQ_out = dQ_partial ? dQ_partial + (slot * BH + bh) * Nq * d : dQ + bh * Nq * d;
+    float* dQ_out = dq_buffer(dQ, dQ_partial, deterministic ? slot : 0, bh, BH, Nq);
 
     const int r = tile_row(), c = tile_lane();
 
@@ -367,7 +376,7 @@ flash_backward_kernel(const float* __restrict__ Q,   // (B, H, Nq, d)
                     fma4(dq, dSij[r][k], *reinterpret_cast<const float4*>(&Kj[k][4 * c]));
             if (row < Nq) {
                 float* out = dQ_out + (int64_t)row * d + 4 * c;
-                if (dQ_partial) {
+                if (deterministic) {
                     // Only this block writes this buffer, and only this thread this float4:
                     // a plain store in its first round (j = slot), which wrote every query
                     // tile from i_start on, then a read-modify-write, j = slot + slots, ...
@@ -395,33 +404,34 @@ flash_backward_kernel(const float* __restrict__ Q,   // (B, H, Nq, d)
     }
 }
 
-// Deterministic mode: dQ = dQ_partial[0] + dQ_partial[1] + ... + dQ_partial[P-1], in that order.
+// Deterministic mode: dQ = buffer 0 + buffer 1 + ... + buffer P-1, in that order; buffer 0 is
+// dQ itself, buffers 1 .. P-1 are dQ_partial[0 .. P-2].
 // Block p's first key tile is j = p, and in that round it stores its share of every query tile
 // it reaches: all of them, or, causal, the tiles i >= p (as Br = Bc, the queries of tile i see
 // no key of a tile j > i). So a row of query tile i sums the partials 0 .. P - 1, or, causal,
 // 0 .. min(P - 1, i): the others were never written.
 // The partial buffers are dead once summed, but many of their lines, just written, are still
-// in L2, which would write them back to DRAM later (up to P copies of dQ). discard.global.L2
+// in L2, which would write them back to DRAM later (up to P - 1 copies of dQ). discard.global.L2
 // drops a 128-byte line without writing it back: the first of the 8 threads that read a line
 // (float4 each, all of one row) discards it once all 8 are done. About 2% of the
 // deterministic backward at N = 1024 (benchmarks/NOTES.md).
-__global__ void dq_partials_sum_kernel(const float4* __restrict__ dQ_partial,  // (P, n4)
-                                       float4* __restrict__ dQ,                // (n4)
+__global__ void dq_partials_sum_kernel(const float4* __restrict__ dQ_partial,  // (P - 1, n4)
+                                       float4* __restrict__ dQ,                // (n4): buffer 0
                                        int64_t n4, int P, int Nq, int tile_rows, bool causal) {
     const int64_t stride = (int64_t)gridDim.x * blockDim.x;
     const bool whole_lines = reinterpret_cast<uintptr_t>(dQ_partial) % 128 == 0;  // n4 % 8 == 0
     for (int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; idx < n4; idx += stride) {
         const int row = (int)(idx / (d / 4) % Nq);
         const int parts = causal ? min(P, row / tile_rows + 1) : P;
-        float4 sum = dQ_partial[idx];
+        float4 sum = dQ[idx];
         for (int p = 1; p < parts; ++p) {
-            const float4 x = dQ_partial[p * n4 + idx];
+            const float4 x = dQ_partial[(p - 1) * n4 + idx];
             sum.x += x.x; sum.y += x.y; sum.z += x.z; sum.w += x.w;
         }
         dQ[idx] = sum;
         __syncwarp(__activemask());  // the 8 threads of each line have read it (in-range lanes: whole rows)
         if (whole_lines && idx % 8 == 0)
-            for (int p = 0; p < parts; ++p) discard_l2_line(dQ_partial + p * n4 + idx);
+            for (int p = 1; p < parts; ++p) discard_l2_line(dQ_partial + (p - 1) * n4 + idx);
     }
 }
 
@@ -464,15 +474,17 @@ constexpr int THREADS = 32 * WARPS;
 constexpr int MMA_M = 16;         // rows of one warp's share of a tile
 constexpr int STRIDE = d + 4;     // floats from one row of a shared tile to the next
 constexpr int TILE = 64 * STRIDE; // floats in a shared tile (17 KB)
-// Most dQ partial buffers in the deterministic backward, non-causal. Fewer buffers cost less
-// memory and less summing (the sum kernel reads P copies of dQ), and make each buffer's
-// chain of key tiles longer; 8 measured as fast as 16 or faster from N = 2048 up
-// (benchmarks/NOTES.md). Causal, one buffer, dQ itself, up to SINGLE_CHAIN key tiles.
-constexpr int DQ_PARTIALS = 8;
+// Most dQ partial buffers in the deterministic backward. Fewer buffers cost less memory and
+// less summing (the sum kernel reads P copies of dQ), and make each buffer's chain of key
+// tiles longer. Buffer 0 is dQ, so 4 buffers add 3 copies of dQ: the peak memory of forward
+// and backward stays within 1.25x that of PyTorch's memory-efficient attention, which
+// holds 1.5x our default mode's (benchmarks/NOTES.md). Causal, one buffer up to
+// SINGLE_CHAIN key tiles.
+constexpr int DQ_PARTIALS = 4;
 // Causal, the deterministic backward with at most this many key tiles (1024 keys) chains
 // them all into dQ itself (P = 1, see the backward below). Longer, one chain measured +14%
 // to +21% over the default mode at B = 2, H = 8, N = 2048..8192, against +5% or less with
-// 8 buffers (benchmarks/NOTES.md).
+// 8 buffers, the most of then (benchmarks/NOTES.md).
 constexpr int SINGLE_CHAIN = 16;
 constexpr float LOG2E = 1.4426950408889634f;
 
@@ -894,7 +906,7 @@ backward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const 
                 const float* __restrict__ dO, const float* __restrict__ L, const float* __restrict__ D,
                 float* __restrict__ dQ, float* __restrict__ dQ_partial, int* __restrict__ dQ_progress,
                 float* __restrict__ dK, float* __restrict__ dV, int64_t BH, int Nq, int Nk, int P,
-                float softmax_scale, bool causal) {
+                float softmax_scale, bool causal, bool deterministic) {
     extern __shared__ __align__(16) float smem[];
     float* Ks = smem;                               // K_j
     float* Vs = smem + TILE;                        // V_j
@@ -915,14 +927,14 @@ backward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const 
     D += bh * Nq;
     dK += bh * Nk * d;
     dV += bh * Nk * d;
-    float* dQ_out = dQ_partial ? dQ_partial + (j % P * BH + bh) * Nq * d : dQ + bh * Nq * d;
+    float* dQ_out = dq_buffer(dQ, dQ_partial, deterministic ? j % P : 0, bh, BH, Nq);
 
     const int w = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
     const bool lane0 = threadIdx.x % 32 == 0;
     // Deterministic mode: this warp's progress, the previous writer's (tile j - P, same head
     // and warp; null if j < P), and the most the previous writer is known to have written.
-    int* progress = dQ_partial ? dQ_progress + blockIdx.x * WARPS + w : nullptr;
-    const int* previous = dQ_partial && j >= P ? progress - P * BH * WARPS : nullptr;
+    int* progress = deterministic ? dQ_progress + blockIdx.x * WARPS + w : nullptr;
+    const int* previous = deterministic && j >= P ? progress - P * BH * WARPS : nullptr;
     int previous_done = 0;
     const int r0 = MMA_M * w;
     const float scale_log2 = softmax_scale * LOG2E;
@@ -1026,7 +1038,7 @@ backward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const 
             for (int nb = 0; nb < 8; ++nb) {
                 float2* out = reinterpret_cast<float2*>(dQ_out + (int64_t)row * d + 8 * nb + 2 * t);
                 const float2 x = make_float2(softmax_scale * part[nb][2 * h], softmax_scale * part[nb][2 * h + 1]);
-                if (dQ_partial && j < P) *out = x;
+                if (deterministic && j < P) *out = x;
                 else atomic_add2(out, x);
             }
         }
@@ -1121,21 +1133,21 @@ cudaError_t forward(const float* q, const float* k, const float* v, float* o, fl
     return cudaGetLastError();
 }
 
-// dq_partial (P * BH * Nq * d floats, with P = dq_partials(Nk, kernel, causal); dq itself
-// when P = 1) selects the deterministic mode when it is not null; else dq must be zeroed
-// (the kernel adds into it).
-// dq_progress: dq_progress_ints(BH, Nk, kernel) ints in the deterministic mode (zeroed
-// here), else unused.
+// Default mode: dq must be zeroed (the kernels add into it). Deterministic mode: dq is
+// partial buffer 0, dq_partial holds buffers 1 .. P-1 ((P - 1) * BH * Nq * d floats, with
+// P = dq_partials(Nk, kernel, causal); unused when P = 1), and dq_progress
+// dq_progress_ints(BH, Nk, kernel) ints (zeroed here).
 cudaError_t backward(const float* dout, const float* q, const float* k, const float* v,
                      const float* o, const float* L, float* D, float* dq, float* dq_partial,
                      int* dq_progress, float* dk, float* dv, int64_t BH, int Nq, int Nk,
-                     float softmax_scale, bool causal, Kernel kernel, cudaStream_t stream) {
+                     float softmax_scale, bool causal, bool deterministic, Kernel kernel,
+                     cudaStream_t stream) {
     if (BH == 0 || Nk == 0) return cudaSuccess;
     const int64_t Tr = cdiv(Nq, Br);
     const int Tc = kernel == Kernel::fast ? cdiv(Nk, fast::Bc) : cdiv(Nk, Bc);
     const int P = dq_partials(Nk, kernel, causal);
     // The tutorial kernels' deterministic mode has P blocks per head, one per buffer.
-    const int slots = kernel == Kernel::tutorial && dq_partial ? P : Tc;
+    const int slots = kernel == Kernel::tutorial && deterministic ? P : Tc;
     if (BH * Tr > INT32_MAX || BH * slots > INT32_MAX) return cudaErrorInvalidConfiguration;
     if (Nq > 0) {
         flash_backward_preprocess<<<(unsigned)(BH * Tr), THREADS, 0, stream>>>(dout, o, D, Nq);
@@ -1144,22 +1156,23 @@ cudaError_t backward(const float* dout, const float* q, const float* k, const fl
     }
     if (kernel == Kernel::tutorial) {
         flash_backward_kernel<<<(unsigned)(BH * slots), THREADS, 0, stream>>>(
-            q, k, v, dout, L, D, dq, dq_partial, dk, dv, BH, Nq, Nk, slots, softmax_scale, causal);
+            q, k, v, dout, L, D, dq, dq_partial, dk, dv, BH, Nq, Nk, slots, softmax_scale, causal,
+            deterministic);
     } else {
         cudaError_t err = cudaFuncSetAttribute(fast::backward_kernel,
                                                cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                (int)FAST_BACKWARD_SMEM);
         if (err != cudaSuccess) return err;
-        if (dq_partial) {
+        if (deterministic) {
             err = cudaMemsetAsync(dq_progress, 0, dq_progress_ints(BH, Nk, kernel) * sizeof(int), stream);
             if (err != cudaSuccess) return err;
         }
         fast::backward_kernel<<<(unsigned)(BH * slots), fast::THREADS, FAST_BACKWARD_SMEM, stream>>>(
             q, k, v, dout, L, D, dq, dq_partial, dq_progress, dk, dv, BH, Nq, Nk, P, softmax_scale,
-            causal);
+            causal, deterministic);
     }
     cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess || !dq_partial || Nq == 0 || P == 1) return err;  // P = 1: dq is the buffer
+    if (err != cudaSuccess || !deterministic || Nq == 0 || P == 1) return err;  // P = 1: dq is the buffer
 
     const int64_t n4 = BH * Nq * d / 4;
     const unsigned sum_blocks = (unsigned)std::min<int64_t>((n4 + THREADS - 1) / THREADS, 65536);
@@ -1240,10 +1253,10 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q, co
     auto dv = at::empty_like(v);
     auto D = at::empty_like(L);
     const flash::Kernel which = kernel_named(kernel);
-    at::Tensor dq_partial, dq_progress;
+    at::Tensor dq_partial, dq_progress;  // deterministic mode: partial buffers 1 .. P-1 (0 is dq)
     if (deterministic) {
         const int P = flash::dq_partials(Nk, which, causal);
-        dq_partial = P == 1 ? dq : at::empty({P, BH, Nq, flash::d}, q.options());
+        dq_partial = at::empty({std::max(P - 1, 0), BH, Nq, flash::d}, q.options());  // P = 0 if Nk = 0
         dq_progress = at::empty({flash::dq_progress_ints(BH, Nk, which)}, q.options().dtype(at::kInt));
     }
     C10_CUDA_CHECK(flash::backward(
@@ -1251,7 +1264,7 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q, co
         o.data_ptr<float>(), L.data_ptr<float>(), D.data_ptr<float>(), dq.data_ptr<float>(),
         deterministic ? dq_partial.data_ptr<float>() : nullptr,
         deterministic ? dq_progress.data_ptr<int>() : nullptr, dk.data_ptr<float>(),
-        dv.data_ptr<float>(), BH, Nq, Nk, (float)softmax_scale, causal, which,
+        dv.data_ptr<float>(), BH, Nq, Nk, (float)softmax_scale, causal, deterministic, which,
         at::cuda::getCurrentCUDAStream()));
     return {dq, dk, dv};
 }

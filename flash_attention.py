@@ -34,7 +34,7 @@ Br = 16  # query rows in a tile of the reference and the tutorial kernels
 Bc = 16  # key/value rows in a tile of the reference and the tutorial kernels
 KERNELS = ("fast", "tutorial")  # the kernel families of flash_attention.cu; the first is the default
 KEY_TILE = {"fast": 64, "tutorial": Bc}  # keys in a tile of each kernel family
-DQ_PARTIALS = {"fast": 8, "tutorial": 16}  # most dQ partial buffers of the deterministic backward
+DQ_PARTIALS = {"fast": 4, "tutorial": 16}  # most dQ partial buffers of the deterministic backward
 SINGLE_CHAIN = 16  # fast kernels, causal: up to this many key tiles, one buffer (dQ itself)
 
 
@@ -43,10 +43,10 @@ def dq_partials(Nk: int, kernel: str = "tutorial", causal: bool = False) -> int:
     and 1 for the fast kernels when causal and Tc <= SINGLE_CHAIN (Nk <= 1024).
 
     Tc = ceil(Nk / tile) is the number of key tiles: 64 keys for the fast kernels, 16 for
-    the tutorial kernels and the reference; at most 8 buffers for the fast kernels, 16 for
-    the others. P depends only on Nk, the kernel family and causal, not on B or H. The
-    deterministic backward's extra memory is P * B * H * Nq * 64 float32 values (4 bytes
-    each) when P > 1; with P = 1 the one buffer is dQ itself.
+    the tutorial kernels and the reference; at most 4 buffers for the fast kernels, 16 for
+    the others. P depends only on Nk, the kernel family and causal, not on B or H. Buffer 0
+    is dQ itself, so the deterministic backward's extra memory is (P - 1) * B * H * Nq * 64
+    float32 values (4 bytes each).
     """
     Tc = math.ceil(Nk / KEY_TILE[kernel])
     if kernel == "fast" and causal and 0 < Tc <= SINGLE_CHAIN:
@@ -119,7 +119,8 @@ def reference_backward(dO, q, k, v, O, L, causal: bool, softmax_scale: float):
 
     Key tile j adds its dQ contributions to partial buffer p = j % P, in the order j = p,
     p + P, ...; dQ is the sum of the P buffers in the order p = 0 .. P-1, exactly as the
-    deterministic CUDA backward does. Returns dQ, dK, dV.
+    deterministic CUDA backward does (there buffer 0 is dQ itself, and 0 + x = x). Returns
+    dQ, dK, dV.
     """
     B, H, Nq, d = q.shape
     Nk = k.shape[2]

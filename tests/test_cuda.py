@@ -83,7 +83,7 @@ def test_keys_no_query_sees_get_zero_gradients(kernel):
 
 # ---------------------------------------------------------------------------- determinism contract
 
-# Nk = 1000 and 1500: fast and causal, one buffer (dq itself) and 8 buffers.
+# Nk = 1000 and 1500: fast and causal, one buffer (dq itself) and 4 buffers.
 @pytest.mark.parametrize("kernel", fa.KERNELS)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("Nk", [1000, 1500])
@@ -200,10 +200,10 @@ def _peak_mib(N, deterministic, kernel, H=2):
 def test_memory_grows_linearly_up_to_16384(deterministic, kernel):
     tensor_mib = 2 * 16384 * 64 * 4 / 2**20  # one (1, 2, 16384, 64) float32 tensor: 8 MiB
     small, large = _peak_mib(4096, deterministic, kernel), _peak_mib(16384, deterministic, kernel)
-    # out, dq, dk, dv and the small L, D; plus P dQ partial buffers when deterministic (none
-    # when P = 1: dq is the buffer). The score matrix alone would be 2 * 16384^2 * 4 bytes = 2048 MiB.
+    # out, dq, dk, dv and the small L, D; plus P - 1 dQ partial buffers when deterministic
+    # (buffer 0 is dq). The score matrix alone would be 2 * 16384^2 * 4 bytes = 2048 MiB.
     P = fa.dq_partials(16384, kernel, causal=True)
-    assert large <= (6 + (P if deterministic and P > 1 else 0)) * tensor_mib
+    assert large <= (6 + (P - 1 if deterministic else 0)) * tensor_mib
     assert large / small <= 4.5  # 4x the length, 4x the memory: linear, not quadratic (16x)
 
 

@@ -65,8 +65,8 @@ def test_batch_invariant(causal):
 
 def test_dq_partials_formula():
     assert [fa.dq_partials(n) for n in (1, 16, 17, 100, 256, 257, 100000)] == [1, 1, 2, 7, 16, 16, 16]
-    assert [fa.dq_partials(n, "fast") for n in (1, 64, 65, 448, 512, 513, 100000)] == [1, 1, 2, 7, 8, 8, 8]
-    assert [fa.dq_partials(n, "fast", causal=True) for n in (1, 65, 1024, 1025, 100000)] == [1, 1, 1, 8, 8]
+    assert [fa.dq_partials(n, "fast") for n in (1, 64, 65, 192, 193, 256, 257, 100000)] == [1, 1, 2, 3, 4, 4, 4, 4]
+    assert [fa.dq_partials(n, "fast", causal=True) for n in (1, 65, 1024, 1025, 100000)] == [1, 1, 1, 4, 4]
     assert [fa.dq_partials(n, "tutorial", causal=True) for n in (1, 17, 100000)] == [1, 2, 16]
 
 
