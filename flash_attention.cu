@@ -484,7 +484,7 @@ constexpr int DQ_PARTIALS = 4;
 // Causal, the deterministic backward with at most this many key tiles (1024 keys) chains
 // them all into dQ itself (P = 1, see the backward below). Longer, one chain measured +14%
 // to +21% over the default mode at B = 2, H = 8, N = 2048..8192, against +5% or less with
-// 8 buffers, the most of then (benchmarks/NOTES.md).
+// the 8 buffers used at the time (benchmarks/NOTES.md).
 constexpr int SINGLE_CHAIN = 16;
 constexpr float LOG2E = 1.4426950408889634f;
 
