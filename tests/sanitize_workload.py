@@ -1,7 +1,9 @@
 """A small workload for compute-sanitizer: every kernel, both backward modes, partial tiles,
 causal and not, Nq != Nk, and more key tiles than dQ partial buffers (Nk = 1100: the fast
 deterministic backward's blocks wait for each other; Nk = 1000, causal: one chain of 16 key
-tiles into dQ itself). Run by tests/sanitize.sh; checks its own results against float64."""
+tiles into dQ itself; B = H = 4 with Nk = 4000: 1008 fast blocks, several waves on any GPU,
+whose chains of 4 partial buffers cross from one wave to the next). Run by tests/sanitize.sh;
+checks its own results against float64."""
 
 import sys
 from pathlib import Path
@@ -13,16 +15,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flash_attention as fa  # noqa: E402
 from conftest import float64_grads, max_err, random_qkv  # noqa: E402
 
+SHAPES = [(2, 2, 1, 1), (2, 2, 17, 33), (2, 2, 40, 17), (2, 2, 70, 70), (2, 2, 130, 1000), (2, 2, 130, 1100),
+          (4, 4, 70, 4000)]  # (B, H, Nq, Nk)
 for kernel in fa.KERNELS:
     for deterministic in (False, True):
         for causal in (False, True):
-            for Nq, Nk in ((1, 1), (17, 33), (40, 17), (70, 70), (130, 1000), (130, 1100)):
-                q, k, v = random_qkv(2, 2, Nq, Nk, device="cuda", seed=Nq + Nk, requires_grad=True)
-                dout = torch.randn(2, 2, Nq, 64, device="cuda")
+            for B, H, Nq, Nk in SHAPES:
+                q, k, v = random_qkv(B, H, Nq, Nk, device="cuda", seed=Nq + Nk, requires_grad=True)
+                dout = torch.randn(B, H, Nq, 64, device="cuda")
                 out = fa.flash_attention(q, k, v, causal=causal, deterministic=deterministic, kernel=kernel)
                 out.backward(dout)
                 ref, dq, dk, dv = float64_grads(q, k, v, dout, causal)
                 errors = [max_err(out, ref), max_err(q.grad, dq), max_err(k.grad, dk), max_err(v.grad, dv)]
-                assert max(errors) <= 5e-5, (kernel, deterministic, causal, Nq, Nk, errors)
+                assert max(errors) <= 5e-5, (kernel, deterministic, causal, B, H, Nq, Nk, errors)
 torch.cuda.synchronize()
 print("sanitize_workload: all results correct")

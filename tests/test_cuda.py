@@ -3,6 +3,11 @@
 Every test here needs a CUDA GPU and is skipped, with that reason, where there is none.
 """
 
+import hashlib
+import json
+import math
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -113,6 +118,87 @@ def test_deterministic_batch_and_head_invariant(Nk, causal, kernel):
                            kernel=kernel)
     for name, x, y in zip(("O", "dQ", "dK", "dV"), batched, one_head):
         assert torch.equal(x[:, 1:2], y), f"{name} of head 1"
+
+
+# Deterministic outputs are pinned: tests/deterministic_sha256.json holds the SHA-256 of O, dQ, dK
+# and dV for these calls, as computed by the kernels of commit c7a3934 (before the fast backward
+# took its key tiles from tickets). Each row: kernel, B, H, Nq, Nk, causal. The last fast row has
+# 2016 blocks, several waves on any GPU.
+PINNED = [("fast", 2, 3, 300, 1100, False), ("fast", 2, 3, 1000, 1000, True), ("fast", 2, 3, 777, 2100, True),
+          ("fast", 4, 8, 200, 4000, False), ("tutorial", 2, 3, 300, 1100, False), ("tutorial", 2, 3, 200, 700, True)]
+PINNED_HASHES = Path(__file__).with_name("deterministic_sha256.json")
+
+
+def fixed_inputs(B, H, Nq, Nk, device):
+    """q, k, v, dout from integer arithmetic alone (the same on every PyTorch version), uniform with variance 1."""
+    def uniform(n, salt):
+        i = torch.arange(n, dtype=torch.int64) + salt * 1_000_003
+        bits = (i * 6364136223846793005 + 1442695040888963407) >> 40 & 0xFFFFFF  # 24 bits of an LCG step
+        return ((bits.double() / 2**23 - 1.0) * 3**0.5).float()
+    shapes = [(B, H, Nq, 64), (B, H, Nk, 64), (B, H, Nk, 64), (B, H, Nq, 64)]
+    return [uniform(math.prod(s), n).view(s).to(device) for n, s in enumerate(shapes)]
+
+
+def deterministic_hashes(forward, backward, kernel, B, H, Nq, Nk, causal):
+    """SHA-256 of O, dQ, dK, dV from the forward and backward ops, deterministic mode."""
+    q, k, v, dout = fixed_inputs(B, H, Nq, Nk, "cuda")
+    O, L = forward(q, k, v, causal, 0.125, kernel)
+    grads = backward(dout, q, k, v, O, L, causal, 0.125, True, kernel)
+    return [hashlib.sha256(t.cpu().numpy().tobytes()).hexdigest() for t in (O, *grads)]
+
+
+@pytest.mark.parametrize("case", PINNED, ids=["-".join(map(str, c)) for c in PINNED])
+def test_deterministic_outputs_are_those_of_the_pinned_kernels(case):
+    expected = json.loads(PINNED_HASHES.read_text())["-".join(map(str, case))]
+    got = deterministic_hashes(torch.ops.flash_attention.forward, torch.ops.flash_attention.backward, *case)
+    assert dict(zip(("O", "dQ", "dK", "dV"), got)) == dict(zip(("O", "dQ", "dK", "dV"), expected))
+
+
+def _green_context(num_sms):
+    """A green context of num_sms multiprocessors, or a skip where this PyTorch or GPU has none."""
+    green = getattr(torch.cuda, "green_contexts", None)
+    if green is None:
+        pytest.skip("needs torch.cuda.green_contexts (PyTorch >= 2.9)")
+    try:
+        return green.GreenContext.create(num_sms=num_sms, device_id=torch.cuda.current_device())
+    except RuntimeError as e:  # e.g. a driver or GPU without green contexts
+        pytest.skip(f"green contexts are not available here: {e}")
+
+
+@pytest.mark.parametrize("kernel", fa.KERNELS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_deterministic_backward_on_a_few_sms_equals_the_whole_gpu(causal, kernel):
+    # The ops are called directly, on this thread: autograd's worker thread would not run
+    # inside the green context. 16 multiprocessors hold 32 fast blocks at once, and the calls
+    # launch 2 * 4 * 32 = 256 (non-causal: 4 partial buffers, chains of 8 key tiles), so the
+    # blocks run in many waves and the chains cross them.
+    q, k, v = random_qkv(2, 4, 500, 2040, device="cuda", seed=16)
+    dout = torch.randn(2, 4, 500, 64, device="cuda")
+    forward, backward = torch.ops.flash_attention.forward, torch.ops.flash_attention.backward
+
+    def run():
+        O, L = forward(q, k, v, causal, 0.125, kernel)
+        return (O, *backward(dout, q, k, v, O, L, causal, 0.125, True, kernel))
+
+    whole = run()
+    torch.cuda.synchronize()
+    context = _green_context(16)
+    if hasattr(context, "Stream"):
+        stream = context.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            few = run()
+        torch.cuda.current_stream().wait_stream(stream)
+    else:
+        context.set_context()
+        try:
+            few = run()
+            torch.cuda.synchronize()
+        finally:
+            context.pop_context()
+    torch.cuda.synchronize()
+    for name, a, b in zip(("O", "dQ", "dK", "dV"), whole, few):
+        assert torch.equal(a, b), name
 
 
 @pytest.mark.parametrize("kernel", fa.KERNELS)

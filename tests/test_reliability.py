@@ -80,12 +80,17 @@ def test_all_equal_scores_give_the_exact_uniform_average():
 
 # ---------------------------------------------------------------------------- large shapes
 
-def test_more_than_2_31_elements_use_64_bit_offsets():
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_more_than_2_31_elements_use_64_bit_offsets(deterministic):
     N = 2**25 + 3000  # q, out, dout and dq hold N * 64 > 2^31 elements each (8 GiB each)
     g = torch.Generator(device="cuda").manual_seed(5)
     q = torch.randn(1, 1, N, 64, device="cuda", generator=g, requires_grad=True)
-    k, v = (torch.randn(1, 1, 40, 64, device="cuda", generator=g, requires_grad=True) for _ in range(2))
-    out = flash_attention(q, k, v)
+    # 200 keys: 4 key tiles of the fast kernels, so the deterministic mode chains P = 4 partial
+    # buffers (3 more of dQ's size, past 2^31 elements too) and sums them.
+    Nk = 200
+    assert fa.dq_partials(Nk, "fast") == 4
+    k, v = (torch.randn(1, 1, Nk, 64, device="cuda", generator=g, requires_grad=True) for _ in range(2))
+    out = flash_attention(q, k, v, deterministic=deterministic)
     tail = slice(N - 2000, N)
     assert tail.start * 64 > 2**31  # the tail rows lie past element 2^31
     assert max_err(out[:, :, tail], attention_float64(q[:, :, tail], k, v)) <= 1e-5
