@@ -6,6 +6,11 @@
     python example_training.py --data notes.txt         # a character model of any text file
     python example_training.py --steps 400 --resume     # go on from the last checkpoint
 
+What it writes, all in --out (default runs/example): checkpoint.pt (every --ckpt-every steps
+and at the end), loss_curve.csv and loss_curve.png (matplotlib, installed by ./install.sh)
+at the end; --check-reproducible writes its two runs' checkpoints in --out/reproducible_1 and
+--out/reproducible_2.
+
 The built-in task is sorting: the model reads n random symbols (0..15) and a separator,
 then must write the same n symbols in ascending order. Each output must find, among all
 the inputs, the next symbol in order and how often it occurs: the information is at other
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -149,8 +155,8 @@ class CharText:
         self.stoi = {c: i for i, c in enumerate(chars)}
         self.data = torch.tensor([self.stoi[c] for c in text], dtype=torch.long)
         if len(self.data) < seq_len + 2:
-            raise ValueError(f"--data {path} has {len(self.data)} characters; --seq-len {seq_len} needs more than "
-                             f"{seq_len + 1}")
+            raise UsageError(f"--data {path} has {len(self.data)} characters; --seq-len {seq_len} needs at least "
+                             f"{seq_len + 2}")
         self.n = seq_len
         self.vocab_size = len(chars)
         self.block_size = seq_len
@@ -172,6 +178,41 @@ def batch_generator(seed: int, step: int) -> torch.Generator:
 
 # --------------------------------------------------------------------------- training
 
+class UsageError(ValueError):
+    """A mistake in the command line found after parsing: main() prints it as one line and exits 2."""
+
+
+# The options that decide the model's parameters: a checkpoint resumes only with the same ones.
+MODEL_OPTIONS = ("data", "seq_len", "n_layer", "n_embd")
+
+
+def load_checkpoint(args, device):
+    """The checkpoint in args.out for --resume, after checking that this run can go on from it."""
+    path = args.out / "checkpoint.pt"
+    if not path.is_file():
+        raise UsageError(f"--resume: no checkpoint at {path} (train once without --resume to make one)")
+    try:
+        ckpt = torch.load(path, map_location=device)
+    except Exception as e:  # a truncated or foreign file: say so in one line
+        raise UsageError(f"--resume: the checkpoint at {path} cannot be read ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from e
+    if not isinstance(ckpt, dict) or "options" not in ckpt:
+        raise UsageError(f"--resume: {path} is not a checkpoint of this version of example_training.py "
+                         f"(it does not record the options it was trained with); train anew without --resume")
+    for name in MODEL_OPTIONS:
+        saved, asked = ckpt["options"][name], str(getattr(args, name))
+        if saved != asked:
+            option = "--" + name.replace("_", "-")
+            said = {value: value if value != "None" else "none (the sorting task)" for value in (saved, asked)}
+            raise UsageError(f"--resume: the checkpoint at {path} was trained with {option} {said[saved]}, this run "
+                             f"asks for {option} {said[asked]}; resume with the options the checkpoint was trained "
+                             f"with ({', '.join('--' + n.replace('_', '-') for n in MODEL_OPTIONS)})")
+    if ckpt["step"] >= args.steps:
+        raise UsageError(f"--resume: --steps {args.steps} is not above the checkpoint's step {ckpt['step']} "
+                         f"(at {path}); ask for more steps to go on training")
+    return ckpt
+
+
 def learning_rate(step: int, args) -> float:
     """Linear warm-up over the first 5% of the steps, then cosine decay to a tenth (as nanoGPT)."""
     warmup = max(1, args.steps // 20)
@@ -189,8 +230,6 @@ def make_reproducible(deterministic: bool) -> None:
     with --attention sdpa) warns instead of stopping the run, and --check-reproducible reports the
     result as it is."""
     if deterministic:
-        import os
-
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
@@ -205,8 +244,8 @@ def train(args, task, log=True):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     ckpt_path = args.out / "checkpoint.pt"
     step, curve, reached = 0, [], None
-    if args.resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device)
+    if args.resume:
+        ckpt = load_checkpoint(args, device)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step, curve, reached = ckpt["step"], ckpt["curve"], ckpt["reached"]
@@ -239,7 +278,8 @@ def train(args, task, log=True):
         if step % args.ckpt_every == 0 or step == args.steps:
             args.out.mkdir(parents=True, exist_ok=True)
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                        "curve": curve, "reached": reached}, ckpt_path)
+                        "curve": curve, "reached": reached,
+                        "options": {name: str(getattr(args, name)) for name in MODEL_OPTIONS}}, ckpt_path)
         bar.update()
     bar.close()
     if device.type == "cuda":
@@ -289,25 +329,47 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"example_training.py: error: {message}\n")
 
 
-def parse_args(argv=None):
+def unusable_directory(out: Path) -> str | None:
+    """Why --out cannot hold the run's files, or None. Looks only: creates nothing."""
+    if out.exists():
+        if not out.is_dir():
+            return "exists and is not a directory"
+        return None if os.access(out, os.W_OK | os.X_OK) else "is a directory this user cannot write to"
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"cannot be made: {parent} is a file, not a directory"
+    return None if os.access(parent, os.W_OK | os.X_OK) else f"cannot be made: this user cannot write to {parent}"
+
+
+def make_parser() -> Parser:
     p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--attention", choices=["flash", "sdpa", "naive"], default="flash",
                    help="the model's attention: this project's (flash) or PyTorch's (sdpa, naive)")
     p.add_argument("--deterministic", action="store_true", help="bit-reproducible training (see --check-reproducible)")
     p.add_argument("--check-reproducible", action="store_true",
                    help="train twice from one seed in deterministic mode; report whether every parameter is bit-identical")
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where to train (default: cuda if a GPU is found, else cpu; the CPU runs a smaller model)")
     p.add_argument("--data", type=Path, help="train a character model on this text file instead")
     p.add_argument("--steps", type=int, help="training steps (GPU 3000, CPU 1500)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the initial parameters and of every batch (default 0)")
     p.add_argument("--batch-size", type=int, help="sequences per step (GPU 64, CPU 32)")
     p.add_argument("--seq-len", type=int, help="symbols to sort (GPU 32, CPU 16), or the context of --data")
     p.add_argument("--n-layer", type=int, help="transformer blocks (GPU 4, CPU 2)")
     p.add_argument("--n-embd", type=int, help="model width, a multiple of 64 (GPU 256, CPU 128)")
     p.add_argument("--lr", type=float, help="AdamW learning rate (GPU 1e-3, CPU 2e-3)")
-    p.add_argument("--out", type=Path, default=Path("runs/example"), help="checkpoints and the loss curve")
+    p.add_argument("--out", type=Path, default=Path("runs/example"),
+                   help="directory for checkpoint.pt, loss_curve.csv and loss_curve.png (default runs/example)")
     p.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints (default 100)")
     p.add_argument("--resume", action="store_true", help="go on from the checkpoint in --out")
+    return p
+
+
+def parse_args(argv=None):
+    p = make_parser()
     args = p.parse_args(argv)
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -315,8 +377,13 @@ def parse_args(argv=None):
     for name, value in (GPU_DEFAULTS if args.device == "cuda" else CPU_DEFAULTS).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.data is not None and args.data.is_dir():
+        p.error(f"--data {args.data} is a directory; give a text file")
     if args.data is not None and not args.data.is_file():
         p.error(f"--data {args.data}: no such file")
+    why = unusable_directory(args.out)
+    if why:
+        p.error(f"--out {args.out} {why}; give a directory that exists or can be made")
     for name in ("steps", "batch_size", "n_layer", "ckpt_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -336,11 +403,16 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    make_reproducible(args.deterministic)
     try:
-        task = CharText(args.data, args.seq_len) if args.data else Sorting(args.seq_len)
-    except ValueError as e:
-        raise SystemExit(f"example_training.py: error: {e}")
+        return run(args)
+    except UsageError as e:
+        print(f"example_training.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args):
+    make_reproducible(args.deterministic)
+    task = CharText(args.data, args.seq_len) if args.data else Sorting(args.seq_len)
     what = f"character model of {args.data}" if args.data else f"sorting {args.seq_len} symbols"
     print(f"Task: {what}. Model: {args.n_layer} blocks, width {args.n_embd} ({args.n_embd // HEAD_DIM} heads), "
           f"attention={args.attention}, deterministic={args.deterministic}, device={args.device}.")

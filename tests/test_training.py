@@ -66,6 +66,7 @@ def test_character_model_on_a_text_file(tmp_path):
 @pytest.mark.parametrize("args,words", [
     (["--attention", "magic"], ["--attention", "magic"]),
     (["--data", "no/such/file.txt"], ["--data", "no such file"]),
+    (["--data", "tests"], ["--data tests", "is a directory"]),
     (["--seq-len", "5000"], ["--seq-len 5000", "2048"]),
     (["--seq-len", "1"], ["--seq-len 1"]),
     (["--n-embd", "100"], ["--n-embd", "64"]),
@@ -77,6 +78,67 @@ def test_bad_arguments_end_with_one_line(args, words):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("example_training.py: error:"), result.stderr
     assert all(w in lines[0] for w in words), lines[0]
+
+
+def one_line_error(result, *words):
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("example_training.py: error:"), result.stderr
+    assert all(w in lines[0] for w in words), lines[0]
+
+
+def test_unusable_out_is_refused_before_training(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for out, words in ((a_file, ["--out", "not a directory"]), (a_file / "sub", ["--out", "is a file"])):
+        one_line_error(run_script(*SMALL, "--steps", "3", "--out", str(out), timeout=120), *words)
+    assert a_file.read_text() == "x" and sorted(tmp_path.iterdir()) == [a_file]  # nothing written
+
+
+def test_resume_mistakes_end_with_one_line_and_write_nothing(tmp_path):
+    one_line_error(run_script(*SMALL, "--steps", "3", "--resume", "--out", str(tmp_path / "none"), timeout=120),
+                   "--resume", "no checkpoint", str(tmp_path / "none"))
+    assert not (tmp_path / "none").exists()
+
+    out = tmp_path / "run"
+    assert run_script(*SMALL, "--steps", "4", "--out", str(out), timeout=300).returncode == 0
+    checkpoint = (out / "checkpoint.pt").read_bytes()
+    (out / "loss_curve.csv").unlink()
+    cases = [
+        (["--n-embd", "64"], ["--resume", "--n-embd 128", "--n-embd 64"]),  # 128: the CPU default
+        (["--seq-len", "7"], ["--resume", "--seq-len 6", "--seq-len 7"]),
+        (["--data", str(ROOT / "README.md")], ["--resume", "--data none (the sorting task)", "README.md"]),
+    ]
+    for extra, words in cases:
+        args = [*SMALL, "--steps", "8", *extra, "--resume", "--out", str(out)]
+        one_line_error(run_script(*args, timeout=120), *words)
+    for steps in ("2", "4"):
+        one_line_error(run_script(*SMALL, "--steps", steps, "--resume", "--out", str(out), timeout=120),
+                       f"--steps {steps}", "checkpoint's step 4")
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (tmp_path / "broken.pt").rename(broken / "checkpoint.pt")
+    one_line_error(run_script(*SMALL, "--steps", "8", "--resume", "--out", str(broken), timeout=120),
+                   "--resume", "cannot be read")
+    assert (out / "checkpoint.pt").read_bytes() == checkpoint and not (out / "loss_curve.csv").exists()
+
+
+@pytest.mark.parametrize("content,words", [("", ["--data", "0 characters", "at least 8"]),
+                                           ("abc", ["--data", "3 characters", "--seq-len 6"])])
+def test_empty_or_short_data_file_ends_with_one_line(tmp_path, content, words):
+    data = tmp_path / "data.txt"
+    data.write_text(content)
+    one_line_error(run_script(*SMALL, "--data", str(data), "--out", str(tmp_path / "out"), timeout=120), *words)
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_explains_every_option():
+    for action in et.make_parser()._actions:
+        assert action.help, action.option_strings
+    result = run_script("--help", timeout=120)
+    assert result.returncode == 0
+    assert "default runs/example" in result.stdout and "checkpoint.pt" in result.stdout
 
 
 @requires_cuda
