@@ -20,8 +20,12 @@ This file has four parts, in reading order:
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
+import os
+import subprocess
+import tempfile
 from pathlib import Path
 
 import torch
@@ -169,6 +173,71 @@ COMPILE_FLAGS = ["-O3", "-DFLASH_ATTENTION_WITH_TORCH"]  # setup.py builds with 
 _extension_module = None
 
 
+def cuda_build_blockers(need_gpu_arch: bool = False) -> list[str]:
+    """What this machine lacks to compile the CUDA kernels, one phrase each ([] if nothing).
+
+    need_gpu_arch: building ahead of use (setup.py) also needs an architecture to build
+    for: a visible GPU or TORCH_CUDA_ARCH_LIST. Compiling on first use has the GPU at hand.
+    """
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # its "no CUDA runtime" line
+    from torch.utils import cpp_extension
+
+    if torch.version.cuda is None:
+        return [f"a CUDA build of PyTorch (this one, {torch.__version__}, is CPU-only)"]
+    if cpp_extension.CUDA_HOME is None:
+        return ["the CUDA toolkit (nvcc not found on PATH and CUDA_HOME not set)"]
+    missing = []
+    header_error = _toolkit_header_error(cpp_extension.CUDA_HOME)
+    if header_error:
+        missing.append(f"a complete CUDA toolkit (nvcc of {cpp_extension.CUDA_HOME} says: {header_error})")
+    if not cpp_extension.is_ninja_available():
+        missing.append("ninja (pip install ninja)")
+    if need_gpu_arch and not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        missing.append('a GPU to build for (none found; TORCH_CUDA_ARCH_LIST="9.0" builds for the H100 without one)')
+    return missing
+
+
+def _toolkit_header_error(cuda_home: str) -> str | None:
+    """The compiler's first complaint when it reads the PyTorch CUDA headers the kernels include
+    (e.g. "cusparse.h: No such file or directory" from a toolkit without its libraries), or None."""
+    torch_include = Path(torch.__file__).parent / "include"
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = Path(tmp, "probe.cu")
+        probe.write_text("#include <ATen/cuda/CUDAContext.h>\n")
+        command = [str(Path(cuda_home, "bin", "nvcc")), "-E", f"-I{torch_include}",
+                   f"-I{torch_include / 'torch' / 'csrc' / 'api' / 'include'}", f"-I{Path(cuda_home, 'include')}",
+                   str(probe), "-o", os.devnull]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True)
+        except OSError as e:
+            return f"{command[0]} does not run ({e})"
+    if result.returncode == 0:
+        return None
+    errors = [line.split("error:", 1)[1].strip() for line in result.stderr.splitlines() if "error:" in line]
+    return errors[0] if errors else f"exit code {result.returncode}"
+
+
+def cuda_kernels_status() -> str:
+    """One line: whether the compiled CUDA kernels are installed, and if not, why and what a CUDA call does."""
+    try:
+        import flash_attention_cuda  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        return "CUDA kernels installed (flash_attention_cuda)"
+    blockers = cuda_build_blockers()
+    if not blockers:
+        why = ("no GPU was found and TORCH_CUDA_ARCH_LIST is not set"
+               if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST")
+               else "the build did not complete: pip install -v --no-build-isolation . shows why")
+        return f"CUDA kernels not built ({why}); the first CUDA call compiles them with ninja (minutes, then cached)"
+    if torch.version.cuda is None:
+        return (f"CUDA kernels not built: PyTorch {torch.__version__} is a CPU-only build; CPU tensors run the "
+                f"PyTorch reference (install a CUDA build of PyTorch, then ./install.sh again, to use a GPU)")
+    return (f"CUDA kernels not built; missing: {'; '.join(blockers)}. CPU tensors run the PyTorch reference; "
+            f"a CUDA call raises an error that says what is missing")
+
+
 def _extension():
     """The compiled kernels: the installed module, or one compiled now with ninja (cached)."""
     global _extension_module
@@ -184,13 +253,7 @@ def _extension():
 def _compile_extension():
     from torch.utils import cpp_extension
 
-    missing = []
-    if torch.version.cuda is None:
-        missing.append(f"a CUDA build of PyTorch (this one, {torch.__version__}, is CPU-only)")
-    if cpp_extension.CUDA_HOME is None:
-        missing.append("the CUDA toolkit (nvcc not found on PATH and CUDA_HOME not set)")
-    if not cpp_extension.is_ninja_available():
-        missing.append("ninja (pip install ninja)")
+    missing = cuda_build_blockers()
     if not CUDA_SOURCE.exists():
         missing.append(f"the kernel source {CUDA_SOURCE}")
     if missing:
@@ -291,7 +354,32 @@ class _FlashAttentionFunction(torch.autograd.Function):
     def backward(ctx, dout, dL):
         q, k, v, out, L = ctx.saved_tensors
         dq, dk, dv = torch.ops.flash_attention.backward(dout, q, k, v, out, L, *ctx.settings)
+        if torch.is_grad_enabled():  # create_graph=True: someone may differentiate dq, dk, dv
+            dq, dk, dv = _NoDoubleBackward.apply(dq, dk, dv, dout, q, k, v)
         return dq, dk, dv, None, None, None, None
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Passes dq, dk, dv through, and raises if anything differentiates them.
+
+    The backward op is not differentiable, so without this the gradients taken with
+    create_graph=True would not depend on q, k, v, dout at all, and a loss built from them
+    (a gradient penalty) would silently lose its second-order term. The extra inputs
+    (dout, q, k, v) make the gradients require grad exactly when the true ones would.
+    """
+
+    @staticmethod
+    def forward(ctx, dq, dk, dv, *depends_on):
+        return dq, dk, dv
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "flash_attention: double backward is not supported: the gradients of flash_attention "
+            "were differentiated again (torch.autograd.grad(..., create_graph=True), then a backward "
+            "through them, as a gradient penalty does). Use PyTorch's attention for that loss, e.g. "
+            "torch.nn.functional.scaled_dot_product_attention with the math backend."
+        )
 
 
 # ----------------------------------------------------------------------------------------
@@ -344,14 +432,18 @@ def _check_inputs(q, k, v, causal, softmax_scale, deterministic, kernel) -> None
         )
     if not isinstance(causal, bool):
         raise TypeError(f"flash_attention: causal must be True or False, got {causal!r}")
-    if softmax_scale is not None and (
-        isinstance(softmax_scale, bool)
-        or not isinstance(softmax_scale, numbers.Real)
-        or not math.isfinite(softmax_scale)
-    ):
-        raise ValueError(f"flash_attention: softmax_scale must be None or a finite number, got {softmax_scale!r}")
+    if softmax_scale is not None:
+        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
+            raise TypeError(
+                f"flash_attention: softmax_scale must be None or a number, got {softmax_scale!r} "
+                f"({type(softmax_scale).__name__})"
+            )
+        if not math.isfinite(softmax_scale):
+            raise ValueError(f"flash_attention: softmax_scale must be a finite number, got {softmax_scale!r}")
     if deterministic is not None and not isinstance(deterministic, bool):
         raise TypeError(f"flash_attention: deterministic must be None, True or False, got {deterministic!r}")
+    if kernel is not None and not isinstance(kernel, str):
+        raise TypeError(f"flash_attention: kernel must be None or a string, one of {KERNELS}, got {kernel!r}")
     if kernel is not None and kernel not in KERNELS:
         raise ValueError(f"flash_attention: kernel must be None or one of {KERNELS}, got {kernel!r}")
 
@@ -376,7 +468,10 @@ def flash_attention(
         deterministic: None follows torch.are_deterministic_algorithms_enabled(); True makes
             the backward bit-reproducible and batch-invariant (dQ from partial buffers summed
             in a fixed order); False lets dQ use atomicAdd.
-        kernel: None (the default kernels) or "tutorial" (the 16x16 teaching kernels).
+        kernel: which kernel family runs on CUDA tensors: None (the default, "fast"), "fast"
+            (64x64 tiles on the tensor cores, FP32-accurate by 3xTF32) or "tutorial" (the 16x16
+            teaching kernels, plain FP32 FMAs). Every family meets the same contract. CPU tensors
+            run the PyTorch reference whatever kernel says.
 
     Returns:
         The attention output, with q's shape.
@@ -413,6 +508,8 @@ class FlashAttention(nn.Module):
         kernel: str | None = None,
     ):
         super().__init__()
+        if isinstance(head_dim, bool) or not isinstance(head_dim, int):
+            raise TypeError(f"FlashAttention: head_dim must be an int, {HEAD_DIM}; got {head_dim!r}")
         if head_dim != HEAD_DIM:
             raise ValueError(f"FlashAttention: head_dim must be {HEAD_DIM}, got {head_dim!r}")
         probe = torch.empty(1, 1, HEAD_DIM)

@@ -56,6 +56,30 @@ def test_empty_inputs_give_empty_results(shape_q, shape_kv):
     assert torch.count_nonzero(k.grad) == 0 and torch.count_nonzero(v.grad) == 0
 
 
+@pytest.mark.parametrize("kernel", [None, "fast", "tutorial"])
+def test_every_documented_kernel_name_is_accepted(kernel):
+    q, k, v = random_qkv(1, 2, 20, 20, seed=5)
+    assert torch.equal(flash_attention(q, k, v, kernel=kernel), FlashAttention(kernel=kernel)(q, k, v))
+
+
+def test_first_order_gradients_with_create_graph_are_right():
+    q, k, v = random_qkv(1, 2, 19, 23, seed=6, requires_grad=True)
+    dout = torch.randn(1, 2, 19, 64, generator=torch.Generator().manual_seed(6))
+    grads = torch.autograd.grad(flash_attention(q, k, v, causal=True), (q, k, v), dout, create_graph=True)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    grads64 = torch.autograd.grad(attention_float64(q64, k64, v64, causal=True), (q64, k64, v64), dout.double())
+    assert max(max_err(g, g64) for g, g64 in zip(grads, grads64)) <= 5e-5
+
+
+def test_gradient_penalty_raises_instead_of_dropping_the_second_order_term():
+    q, k, v = random_qkv(1, 2, 9, 12, seed=7, requires_grad=True)
+    (dq,) = torch.autograd.grad(flash_attention(q, k, v).sum(), q, create_graph=True)
+    assert dq.requires_grad  # as it would be with any differentiable attention
+    penalty = dq.square().sum()
+    with pytest.raises(RuntimeError, match="flash_attention: double backward is not supported"):
+        penalty.backward()
+
+
 def test_module_has_no_parameters_and_matches_function():
     attn = FlashAttention(head_dim=64, causal=True, softmax_scale=0.2, deterministic=True)
     assert list(attn.parameters()) == []
@@ -91,10 +115,13 @@ def bad_inputs(device):
          ["v", other]),
         ("causal", lambda: flash_attention(*qkv(), causal="yes"), TypeError, ["causal", "'yes'"]),
         ("scale NaN", lambda: flash_attention(*qkv(), softmax_scale=float("nan")), ValueError, ["softmax_scale", "nan"]),
-        ("scale str", lambda: flash_attention(*qkv(), softmax_scale="0.1"), ValueError, ["softmax_scale", "'0.1'"]),
+        ("scale str", lambda: flash_attention(*qkv(), softmax_scale="0.1"), TypeError, ["softmax_scale", "'0.1'", "str"]),
+        ("scale inf", lambda: flash_attention(*qkv(), softmax_scale=math.inf), ValueError, ["softmax_scale", "inf"]),
         ("deterministic", lambda: flash_attention(*qkv(), deterministic=1), TypeError, ["deterministic", "1"]),
-        ("kernel", lambda: flash_attention(*qkv(), kernel="turbo"), ValueError, ["kernel", "'turbo'", "tutorial"]),
+        ("kernel", lambda: flash_attention(*qkv(), kernel="turbo"), ValueError, ["kernel", "'turbo'", "fast", "tutorial"]),
+        ("kernel type", lambda: flash_attention(*qkv(), kernel=1), TypeError, ["kernel", "string", "1"]),
         ("module head_dim", lambda: FlashAttention(head_dim=128), ValueError, ["head_dim", "64", "128"]),
+        ("module head_dim type", lambda: FlashAttention(head_dim="64"), TypeError, ["head_dim", "int", "'64'"]),
         ("module causal", lambda: FlashAttention(causal=None), TypeError, ["causal", "None"]),
     ]
 
