@@ -32,14 +32,13 @@
 //   j mod P, P = min(Tc, DQ_PARTIALS): tile p stores, then tiles p + P, p + 2P, ... add,
 //   in that order. Buffer 0 is dQ itself. The tutorial kernels get that order by giving
 //   buffer p one block, which walks those key tiles in turn; the fast kernels keep one
-//   block per key tile and make the block of tile j wait, per query tile, until that of
-//   tile j - P has written it; blocks take their tiles in the order they start, so a block
-//   only ever waits for one that is running. A last kernel adds buffers 1, 2, ..., P-1 to buffer 0, in that order. P
+//   block per key tile and make block j wait, per query tile, until block j - P has
+//   written it. A last kernel adds buffers 1, 2, ..., P-1 to buffer 0, in that order. P
 //   depends only on Nk, the tile size and (fast kernels) causal, so the result depends
 //   neither on B, H nor on the GPU. With P = 1, dQ is the only buffer: nothing to sum.
 //   Extra memory: (P - 1) * B * H * Nq * 64 floats, P = min(ceil(Nk / 16), 16) for the
 //   tutorial kernels and min(ceil(Nk / 64), 4) for the fast ones (plus 4 ints per fast
-//   block and 1 ticket counter); none for the fast causal backward up to Nk = 1024 (P = 1).
+//   block); none for the fast causal backward up to Nk = 1024 (P = 1).
 //
 // Build and test
 //   ./install.sh && ./test_installation.sh     (the Python extension, then every test)
@@ -720,9 +719,9 @@ __device__ __forceinline__ void atomic_add2(float2* p, float2 v) {
 // Deterministic mode: a warp tells the next writer of its partial buffer how far it got
 // (publish, a release store), and waits until the previous writer got far enough (wait).
 // With the release, every write this warp made before it (all its lanes', ordered by
-// __syncwarp) is visible to the warp that has seen the value and then passed the acquire
-// fence. The wait polls with relaxed loads, which leave the SM's L1 alone, sleeping a little
-// longer after each miss, and fences once when the value is there.
+// __syncwarp) is visible to the warp that reads the value with an acquire load. The wait
+// polls with relaxed loads, which leave the SM's L1 alone, sleeping a little longer after
+// each miss, and makes one acquire load once the value is there.
 __device__ __forceinline__ void publish(int* p, int v) {
     asm volatile("st.release.gpu.global.b32 [%0], %1;\n" :: "l"(p), "r"(v) : "memory");
 }
@@ -734,24 +733,9 @@ __device__ __forceinline__ int load_relaxed(const int* p) {
 // Returns once *p > n; `known` is the last value seen there, the new one is returned.
 __device__ __forceinline__ int wait_until_above(const int* p, int n, int known) {
     if (known > n) return known;
-    unsigned ns = 32;
-    while ((known = load_relaxed(p)) <= n) {
-        __nanosleep(ns);
-        ns = min(2 * ns, 256u);
-    }
-    asm volatile("fence.acq_rel.gpu;\n" ::: "memory");  // acquire: the writes published before it
-    return known;
-}
-
-// Deterministic mode: the block's place in the order in which the blocks of a launch
-// started, from a counter zeroed before the launch. A block that waits for another waits
-// for a smaller ticket, which a block that has already started took: whatever order the
-// GPU starts blocks in, the block waited for is running, and the chain moves.
-__device__ __forceinline__ int take_ticket(int* counter) {
-    __shared__ int ticket;
-    if (threadIdx.x == 0) ticket = atomicAdd(counter, 1);
-    __syncthreads();  // every thread reads the ticket thread 0 took
-    return ticket;
+    for (unsigned ns = 32; load_relaxed(p) <= n; ns = min(2 * ns, 256u)) __nanosleep(ns);
+    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(known) : "l"(p) : "memory");
+    return known;  // acquire: the writes published before this value are visible
 }
 
 // The loop bodies below are generic lambdas, called with Edge() for the tiles that need
@@ -899,8 +883,8 @@ forward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const f
 // before tile j + P: the order of the additions into each buffer is j's order, whatever the
 // order in which the blocks run.
 // Tile j < P stores (it is the first), the others add. Each warp publishes, after each
-// query tile, how many query tiles it has written (dQ_progress[1 ..], one int per warp of
-// each block, zeroed before the launch), and before it writes the query tile of its step n,
+// query tile, how many query tiles it has written (dQ_progress, one int per warp of each
+// block, zeroed before the launch), and before it writes the query tile of its step n,
 // waits until warp w of tile j - P has published more than n. Step n is the same query
 // tile in both blocks, because both sweep the same way: upward from query tile 0 when
 // non-causal, downward from the last query tile when causal. (Causal and upward, tile j
@@ -910,14 +894,15 @@ forward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const f
 // backward needs no more than one buffer: tile j trails tile j - 1 by part of a step, but
 // has one query tile less to walk, and dQ itself is the buffer: no sum. Non-causal, every
 // tile walks every query tile, and a chain of Tc tiles that run at once would end Tc
-// part-steps late.) A block does not take its tile from its index, since CUDA does not
-// promise to start blocks in index order: it takes a ticket when it starts (take_ticket),
-// and ticket t does tile t / BH of head t % BH. So tile j - P has started before tile j,
-// and waits only on earlier tickets itself: the chain always moves, even if a later block
-// is running while an earlier one has not started. Tickets follow the start order, which
-// in practice is the index order of the default mode, so deterministic and default runs
-// take about the same time; the tutorial kernels, simpler, give each buffer one block that
-// walks its key tiles in turn.
+// part-steps late.) The GPU starts blocks in the order of their index (CUDA does not
+// promise it, but CUTLASS's and FlashAttention's semaphores rely on it too), so block
+// j - P has started before block j, and it waits only on earlier blocks itself: the chain
+// always moves. (Blocks that take their tiles from a ticket counter, in the order they
+// start, cannot hang whatever that order; measured on an H200, they cost +40% at one wave,
+// B = 2, H = 8, N = 1024, as the tickets no longer follow which block of a multiprocessor
+// is the older, faster one: benchmarks/NOTES.md.) The blocks are scheduled as in the
+// default mode, so deterministic and default runs take about the same time; the tutorial
+// kernels, simpler, give each buffer one block that walks its key tiles in turn.
 //   line 7  (load K_j, V_j)             : cp.async, once per j
 //   line 8  (dK_j = dV_j = 0)           : dk[8][4], dv[8][4] in registers
 //   line 9  (for i)                     : non-causal i = 0 .. Tr - 1; causal i = Tr - 1 down
@@ -949,11 +934,8 @@ backward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const 
     float* Ds = Ls + Br;                            // D_i
 
     const int Tr = cdiv(Nq, Br);
-    // Block `slot` does key tile j of head bh. Deterministic mode: slot is the block's ticket
-    // (dQ_progress[0] hands them out), so that tile j - P has started before tile j.
-    const int64_t slot = deterministic ? take_ticket(dQ_progress) : blockIdx.x;
-    const int j = (int)(slot / BH);                  // line 6: this block's key tile
-    const int64_t bh = slot % BH;
+    const int j = (int)(blockIdx.x / BH);            // line 6: this block's key tile
+    const int64_t bh = blockIdx.x % BH;
     Q += bh * Nq * d;
     K += bh * Nk * d;
     V += bh * Nk * d;
@@ -968,7 +950,7 @@ backward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const 
     const bool lane0 = threadIdx.x % 32 == 0;
     // Deterministic mode: this warp's progress, the previous writer's (tile j - P, same head
     // and warp; null if j < P), and the most the previous writer is known to have written.
-    int* progress = deterministic ? dQ_progress + 1 + slot * WARPS + w : nullptr;
+    int* progress = deterministic ? dQ_progress + (int64_t)blockIdx.x * WARPS + w : nullptr;
     const int* previous = deterministic && j >= P ? progress - P * BH * WARPS : nullptr;
     int previous_done = 0;
     const int r0 = MMA_M * w;
@@ -1135,10 +1117,10 @@ int dq_partials(int Nk, Kernel kernel, bool causal) {
     return causal && Tc <= fast::SINGLE_CHAIN ? 1 : std::min(Tc, fast::DQ_PARTIALS);
 }
 
-// How many ints the fast deterministic backward needs for its ticket counter and its
-// progress counters (one per warp of each block): 1 + Tc * BH * 4; the tutorial kernels need none.
+// How many ints the fast deterministic backward needs for its progress counters (one per
+// warp of each block: Tc * BH * 4); the tutorial kernels need none.
 int64_t dq_progress_ints(int64_t BH, int Nk, Kernel kernel) {
-    return kernel == Kernel::fast ? 1 + cdiv(Nk, fast::Bc) * BH * fast::WARPS : 0;
+    return kernel == Kernel::fast ? cdiv(Nk, fast::Bc) * BH * fast::WARPS : 0;
 }
 
 constexpr size_t FAST_FORWARD_SMEM = 5 * fast::TILE * sizeof(float);  // Q_i; K_j, V_j twice: 85 KB

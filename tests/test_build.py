@@ -1,5 +1,7 @@
-"""The kernels compile with nvcc alone (no PyTorch headers) and spill no registers."""
+"""The kernels compile with nvcc alone (no PyTorch headers) and spill no registers; what stops a
+build of the extension is named."""
 
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -33,3 +35,61 @@ def test_cpu_only_pytorch_says_what_is_missing():
 
     with pytest.raises(RuntimeError, match="missing: a CUDA build of PyTorch .*CPU-only.*install.sh"):
         fa._compile_extension()
+
+
+# ---------------------------------------------------------------------------- what stops a build
+
+def fake_toolkit(tmp_path, complaint=None):
+    """A CUDA_HOME whose bin/nvcc succeeds, or fails with `complaint` as a real nvcc does."""
+    (tmp_path / "bin").mkdir()
+    nvcc = tmp_path / "bin" / "nvcc"
+    body = f'echo "probe.cu:1:10: fatal error: {complaint}" >&2; exit 1' if complaint else "exit 0"
+    nvcc.write_text(f"#!/bin/sh\n{body}\n")
+    nvcc.chmod(0o755)
+    return str(tmp_path)
+
+
+@pytest.fixture
+def cuda_pytorch_without_gpu(monkeypatch):
+    import flash_attention as fa
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(fa.torch.version, "cuda", "13.0")
+    monkeypatch.setattr(fa.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(fa, "_extension_module", None)
+    return fa, cpp_extension
+
+
+def test_partial_toolkit_and_no_gpu_are_named(tmp_path, monkeypatch, cuda_pytorch_without_gpu):
+    fa, cpp_extension = cuda_pytorch_without_gpu
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", fake_toolkit(tmp_path, "cusparse.h: No such file or directory"))
+    blockers = fa.cuda_build_blockers(need_gpu_arch=True)
+    assert len(blockers) == 2, blockers
+    assert "cusparse.h: No such file or directory" in blockers[0] and str(tmp_path) in blockers[0]
+    assert "a GPU to build for" in blockers[1] and "TORCH_CUDA_ARCH_LIST" in blockers[1]
+    if importlib.util.find_spec("flash_attention_cuda") is None:
+        status = fa.cuda_kernels_status()
+        assert "not built" in status and "cusparse.h" in status and "raises an error" in status
+    with pytest.raises(RuntimeError, match="missing: a complete CUDA toolkit .*cusparse.h"):
+        fa._compile_extension()
+
+
+def test_complete_toolkit_without_gpu_builds_on_first_use_or_for_the_arch_list(tmp_path, monkeypatch,
+                                                                              cuda_pytorch_without_gpu):
+    fa, cpp_extension = cuda_pytorch_without_gpu
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", fake_toolkit(tmp_path))
+    assert fa.cuda_build_blockers() == []
+    assert "a GPU to build for" in fa.cuda_build_blockers(need_gpu_arch=True)[0]
+    if importlib.util.find_spec("flash_attention_cuda") is None:
+        status = fa.cuda_kernels_status()
+        assert "no GPU was found" in status and "the first CUDA call compiles them" in status
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    assert fa.cuda_build_blockers(need_gpu_arch=True) == []
+
+
+def test_no_toolkit_is_named(monkeypatch, cuda_pytorch_without_gpu):
+    fa, cpp_extension = cuda_pytorch_without_gpu
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
+    assert fa.cuda_build_blockers(need_gpu_arch=True) == ["the CUDA toolkit (nvcc not found on PATH and CUDA_HOME not set)"]
