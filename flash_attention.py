@@ -179,8 +179,12 @@ def cuda_build_blockers(need_gpu_arch: bool = False) -> list[str]:
     need_gpu_arch: building ahead of use (setup.py) also needs an architecture to build
     for: a visible GPU or TORCH_CUDA_ARCH_LIST. Compiling on first use has the GPU at hand.
     """
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # its "no CUDA runtime" line
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # importing it warns "No CUDA runtime is found" on a machine without a GPU
     from torch.utils import cpp_extension
+
+    logger.setLevel(level)
 
     if torch.version.cuda is None:
         return [f"a CUDA build of PyTorch (this one, {torch.__version__}, is CPU-only)"]
