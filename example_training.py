@@ -65,28 +65,45 @@ class Config:
         return self.n_embd // HEAD_DIM
 
 
+class SDPAttention(nn.Module):
+    """PyTorch's scaled_dot_product_attention, causal (it picks its own backend)."""
+
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+class NaiveAttention(nn.Module):
+    """softmax(q k^T / sqrt(64)) v, causal, the plain way: it materializes the (T, T) scores."""
+
+    def forward(self, q, k, v):
+        T = q.shape[-2]
+        att = (q @ k.transpose(-1, -2)) / math.sqrt(HEAD_DIM)
+        att = att.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), -math.inf)
+        return torch.softmax(att, dim=-1) @ v
+
+
+def make_attention(cfg: Config) -> nn.Module:
+    """The attention the model uses, (q, k, v) -> y, all (B, nh, T, 64); none has parameters."""
+    if cfg.attention == "flash":
+        return FlashAttention(head_dim=HEAD_DIM, causal=True, deterministic=cfg.deterministic)
+    return SDPAttention() if cfg.attention == "sdpa" else NaiveAttention()
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention: learned Q/K/V and output projections around the attention."""
 
     def __init__(self, cfg: Config):
         super().__init__()
-        self.cfg = cfg
+        self.n_head = cfg.n_head
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
-        self.flash = FlashAttention(head_dim=HEAD_DIM, causal=True, deterministic=cfg.deterministic)
+        self.attention = make_attention(cfg)
 
     def forward(self, x):  # x: (B, T, C)
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.cfg.n_head, HEAD_DIM).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, 64)
-        if self.cfg.attention == "flash":
-            y = self.flash(q, k, v)
-        elif self.cfg.attention == "sdpa":
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # naive: materializes the (T, T) scores
-            att = (q @ k.transpose(-1, -2)) / math.sqrt(HEAD_DIM)
-            att = att.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), -math.inf)
-            y = torch.softmax(att, dim=-1) @ v
+        q, k, v = (t.view(B, T, self.n_head, HEAD_DIM).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, 64)
+        y = self.attention(q, k, v)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 

@@ -27,6 +27,20 @@ def test_loss_falls_on_cpu(tmp_path):
     assert result["accuracy"] > 0.0
 
 
+def test_model_builds_only_the_attention_it_uses():
+    x = torch.randint(0, 17, (3, 13), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for attention in ("flash", "sdpa", "naive"):
+        torch.manual_seed(0)
+        model = et.GPT(et.Config(17, 13, n_layer=2, n_embd=128, attention=attention))
+        kinds = {type(m).__name__ for m in model.modules()}
+        assert ("FlashAttention" in kinds) == (attention == "flash"), kinds
+        logits[attention] = model(x)
+    # the same parameters (same seed, attention has none), so the same function up to rounding
+    assert torch.allclose(logits["flash"], logits["sdpa"], atol=1e-5)
+    assert torch.allclose(logits["naive"], logits["sdpa"], atol=1e-5)
+
+
 def test_check_reproducible_on_cpu(tmp_path):
     result = run_script(*SMALL, "--steps", "30", "--check-reproducible", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
