@@ -2,14 +2,14 @@
 // flash_attention.cu: FP32 FlashAttention for head_dim 64, forward and backward.
 //
 // What it implements
-//   Forward:  Algorithm 1 of FlashAttention (Dao et al., 2022,
-//             https://arxiv.org/abs/2205.14135) in the loop order of
-//             FlashAttention-2 (Dao, 2023, https://arxiv.org/abs/2307.08691):
-//             the outer loop runs over query tiles (one thread block each), the
-//             inner loop over key/value tiles, with the online softmax.
-//   Backward: Algorithm 2 of FlashAttention, in FlashAttention-2's order: one
-//             thread block per key/value tile walks the query tiles, builds dK_j
-//             and dV_j in registers (no atomics) and adds its share of dQ_i.
+//   FlashAttention-2 (Dao, 2023, https://arxiv.org/abs/2307.08691), which
+//   refines FlashAttention (Dao et al., 2022, https://arxiv.org/abs/2205.14135);
+//   "Alg. 1 line 8" and "Alg. 2 line 15" cite the lines of its two algorithms.
+//   Forward:  Algorithm 1: the outer loop runs over query tiles (one thread block
+//             each), the inner loop over key/value tiles, with the online softmax.
+//   Backward: Algorithm 2: one thread block per key/value tile walks the query
+//             tiles, builds dK_j and dV_j in registers (no atomics) and adds its
+//             share of dQ_i.
 //
 // Kernels
 //   The "tutorial" kernels (kernel="tutorial"): 16x16 tiles, 256 threads, plain FP32 FMAs;
@@ -163,19 +163,20 @@ __device__ __forceinline__ bool masked(int row, int col, int Nk, bool causal) {
 // Forward: Algorithm 1 (FlashAttention-2 loop order)
 // -----------------------------------------------------------------------------
 // One block per (batch * head, query tile i); grid = B * H * Tr blocks.
-//   Alg. 1 lines 1-4 (split Q into Tr tiles, K and V into Tc tiles): the indexing below.
-//   line 7  (for i = 1 .. Tr)           : the grid: FlashAttention-2 makes the query loop the
-//                                         outer one, one block per query tile
-//   line 8  (load Q_i)                  : load_tile(Qi, ...) before the loop
-//   line 5  (for j = 1 .. Tc)           : the j loop; causal stops at the last tile on or
+//   Alg. 1 lines 1-2 (split Q, O, L into Tr tiles, K and V into Tc tiles): the indexing below.
+//   line 3  (for 1 <= i <= Tr)          : the grid: one block per query tile
+//   line 4  (load Q_i)                  : load_tile(Qi, ...) before the loop
+//   line 5  (O_i = 0, l_i = 0, m_i = -inf): acc, l_i, m_i in registers
+//   line 6  (for 1 <= j <= Tc)          : the j loop; causal stops at the last tile on or
 //                                         below the diagonal
-//   line 6  (load K_j, V_j)             : load_tile(Kj / Vj, ...)
-//   line 9  (S_ij = scale * Q_i K_j^T)  : dot_row; thread (r, c) computes S_ij[r][c]
-//   line 10 (m~, P~ = exp(S - m~), l~)  : row_max, expf, row_sum over the row's 16 lanes
-//   line 11 (m_new, l_new)              : m_new = max(m_i, m~); l_i = alpha * l_i + l~
-//   line 12 (O_i = alpha * O_i + P~ V_j): acc; P~[r][k] comes from lane k by a shuffle
-//   line 12's division by l_i is done once, after the loop (FlashAttention-2);
-//   line 13 (write m, l)                : L_i = m_i + log(l_i), the logsumexp the backward uses.
+//   line 7  (load K_j, V_j)             : load_tile(Kj / Vj, ...)
+//   line 8  (S_ij = Q_i K_j^T)          : dot_row, times softmax_scale; thread (r, c)
+//                                         computes S_ij[r][c]
+//   line 9  (m_i, P~_ij, l_i)           : row_max, expf, row_sum over the row's 16 lanes;
+//                                         alpha = exp(m_i old - m_i new) rescales l_i
+//   line 10 (O_i = alpha O_i + P~_ij V_j): acc; P~[r][k] comes from lane k by a shuffle
+//   lines 12-15 (O_i /= l_i, L_i = m_i + log(l_i), write O_i, L_i): after the loop; L_i
+//                                         is the logsumexp the backward uses.
 __global__ void __launch_bounds__(THREADS)
 flash_forward_kernel(const float* __restrict__ Q,  // (B, H, Nq, d)
                      const float* __restrict__ K,  // (B, H, Nk, d)
@@ -199,32 +200,32 @@ flash_forward_kernel(const float* __restrict__ Q,  // (B, H, Nq, d)
     const int r = tile_row(), c = tile_lane();
     const int row = i * Br + r;             // the query row of this thread
 
-    load_tile(Qi, Q, i * Br, Nq);           // Alg. 1 line 8
+    load_tile(Qi, Q, i * Br, Nq);           // Alg. 1 line 4
 
-    float m_i = -INFINITY;                  // running row max     (line 2: m = -inf)
-    float l_i = 0.f;                        // running row sum     (line 2: l = 0)
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);  // O_i[r][4c .. 4c+3], unnormalized
+    float m_i = -INFINITY;                  // running row max     (line 5: m_i = -inf)
+    float l_i = 0.f;                        // running row sum     (line 5: l_i = 0)
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);  // O_i[r][4c .. 4c+3], unnormalized (line 5: 0)
 
     const int last_row = min((i + 1) * Br, Nq) - 1;
     const int Tc_end = causal ? min(Tc, last_row / Bc + 1) : Tc;
-    for (int j = 0; j < Tc_end; ++j) {      // Alg. 1 line 5
-        load_tile(Kj, K, j * Bc, Nk);       // line 6
+    for (int j = 0; j < Tc_end; ++j) {      // Alg. 1 line 6
+        load_tile(Kj, K, j * Bc, Nk);       // line 7
         load_tile(Vj, V, j * Bc, Nk);
         __syncthreads();                    // Q_i, K_j, V_j are in shared memory
 
-        // line 9: S_ij[r][c] = scale * Q_i[r] . K_j[c]; hidden keys get -inf
+        // line 8: S_ij[r][c] = scale * Q_i[r] . K_j[c]; hidden keys get -inf
         const int col = j * Bc + c;
         float s = softmax_scale * dot_row(Qi[r], Kj[c]);
         if (masked(row, col, Nk, causal)) s = -INFINITY;
 
-        // lines 10-11: the online softmax. Tile 0 always holds key 0, which no row hides,
+        // line 9: the online softmax. Tile 0 always holds key 0, which no row hides,
         // so m_new is finite from the first tile on and exp(-inf - m_new) = 0.
         const float m_new = fmaxf(m_i, row_max(s));
         const float p = expf(s - m_new);             // P~_ij[r][c]
         const float alpha = expf(m_i - m_new);       // rescales what was accumulated so far
         l_i = alpha * l_i + row_sum(p);
 
-        // line 12: O_i = alpha * O_i + P~_ij V_j
+        // line 10: O_i = alpha * O_i + P~_ij V_j
         acc.x *= alpha; acc.y *= alpha; acc.z *= alpha; acc.w *= alpha;
 #pragma unroll
         for (int k = 0; k < Bc; ++k) {
@@ -236,7 +237,7 @@ flash_forward_kernel(const float* __restrict__ Q,  // (B, H, Nq, d)
         __syncthreads();                    // every thread is done with K_j, V_j before the next load
     }
 
-    // line 12's 1/l and line 13: write O_i and L_i for the rows that exist
+    // lines 12-15: O_i / l_i and L_i = m_i + log(l_i), written for the rows that exist
     if (row < Nq) {
         const float inv_l = 1.f / l_i;
         *reinterpret_cast<float4*>(O + (int64_t)row * d + 4 * c) =
@@ -246,7 +247,7 @@ flash_forward_kernel(const float* __restrict__ Q,  // (B, H, Nq, d)
 }
 
 // -----------------------------------------------------------------------------
-// Backward preprocess: D = rowsum(dO * O)   (Alg. 2 line 19's rowsum, done once per row)
+// Backward preprocess: D = rowsum(dO * O)   (Alg. 2 line 4)
 // -----------------------------------------------------------------------------
 // One block per (batch * head, query tile); each half-warp reduces one row.
 __global__ void __launch_bounds__(THREADS)
@@ -277,19 +278,23 @@ flash_backward_preprocess(const float* __restrict__ dO,  // (B, H, Nq, d)
 // grid = B * H * slots blocks. Block `slot` of a head handles key tiles j = slot,
 // slot + slots, ...: slots = Tc by default (one key tile per block), and
 // slots = P = min(Tc, DQ_PARTIALS) in the deterministic mode.
-//   Alg. 2 line 6  (for j = 1 .. Tc)          : the j loop; load K_j, V_j (line 7)
-//   line 8  (dK_j = 0, dV_j = 0)              : dK_acc, dV_acc in registers
-//   line 9  (for i = 1 .. Tr)                 : the i loop; causal starts at the first
+//   Alg. 2 lines 1-3 (split into tiles; dQ = 0)   : the indexing; dQ zeroed by the caller
+//   line 4  (D = rowsum(dO * O))              : flash_backward_preprocess, before this kernel
+//   line 5  (for 1 <= j <= Tc)                : the j loop; load K_j, V_j (line 6)
+//   line 7  (dK_j = 0, dV_j = 0)              : dK_acc, dV_acc in registers
+//   line 8  (for 1 <= i <= Tr)                : the i loop; causal starts at the first
 //                                               query tile that sees key tile j
-//   line 10 (load Q_i, dO_i, L_i, D_i)        : D_i comes from flash_backward_preprocess
-//   line 11 (S_ij = scale * Q_i K_j^T)        : thread (r, c) computes S_ij[r][c]
-//   line 13 (P_ij = exp(S_ij - L_i))          : P recomputed from the saved logsumexp
-//   line 16 (dV_j += P_ij^T dO_i)             : dV_acc
-//   line 17 (dP_ij = dO_i V_j^T)              : dp
-//   line 19-20 (dS_ij = P_ij * (dP_ij - D_i)) : dS
-//   line 21 (dQ_i += scale * dS_ij K_j)       : atomicAdd, or the block's partial buffer
-//   line 22 (dK_j += scale * dS_ij^T Q_i)     : dK_acc (scaled once, at the end)
-//   line 24 (write dK_j, dV_j)                : after the i loop
+//   line 9  (load Q_i, dO_i, L_i, D_i)        : O_i is not needed: D_i holds what it gave
+//   line 10 (S_ij = Q_i K_j^T)                : times softmax_scale; thread (r, c)
+//                                               computes S_ij[r][c]
+//   line 11 (P_ij = exp(S_ij - L_i))          : P recomputed from the saved logsumexp
+//   line 12 (dV_j += P_ij^T dO_i)             : dV_acc
+//   line 13 (dP_ij = dO_i V_j^T)              : dp
+//   line 14 (dS_ij = P_ij * (dP_ij - D_i))    : dS
+//   line 15 (dQ_i += dS_ij K_j)               : times softmax_scale; atomicAdd, or the
+//                                               block's partial buffer
+//   line 16 (dK_j += dS_ij^T Q_i)             : dK_acc (times softmax_scale once, at the end)
+//   line 18 (write dK_j, dV_j)                : after the i loop
 // Thread (r, c) owns, besides S_ij[r][c], the columns 4c .. 4c+3 of row r of dK_j and dV_j
 // (key j * Bc + r) and of row r of dQ_i (query i * Br + r).
 __global__ void __launch_bounds__(THREADS)
@@ -329,16 +334,16 @@ flash_backward_kernel(const float* __restrict__ Q,   // (B, H, Nq, d)
 
     const int r = tile_row(), c = tile_lane();
 
-    for (int j = slot; j < Tc; j += slots) {          // Alg. 2 line 6
-        load_tile(Kj, K, j * Bc, Nk);                 // line 7
+    for (int j = slot; j < Tc; j += slots) {          // Alg. 2 line 5
+        load_tile(Kj, K, j * Bc, Nk);                 // line 6
         load_tile(Vj, V, j * Bc, Nk);
-        float4 dK_acc = make_float4(0.f, 0.f, 0.f, 0.f);  // line 8
+        float4 dK_acc = make_float4(0.f, 0.f, 0.f, 0.f);  // line 7
         float4 dV_acc = make_float4(0.f, 0.f, 0.f, 0.f);
 
         const int col = j * Bc + c;                   // the key of S_ij[r][c]
         const int i_start = causal ? (j * Bc) / Br : 0;
-        for (int i = i_start; i < Tr; ++i) {          // line 9
-            load_tile(Qi, Q, i * Br, Nq);             // line 10
+        for (int i = i_start; i < Tr; ++i) {          // line 8
+            load_tile(Qi, Q, i * Br, Nq);             // line 9
             load_tile(dOi, dO, i * Br, Nq);
             if (threadIdx.x < Br) {
                 const int q_row = i * Br + threadIdx.x;
@@ -351,15 +356,15 @@ flash_backward_kernel(const float* __restrict__ Q,   // (B, H, Nq, d)
             // would carry a NaN of a hidden key into the gradients of the queries it is hidden from.
             const int row = i * Br + r;
             const bool hidden = row >= Nq || masked(row, col, Nk, causal);
-            const float s = softmax_scale * dot_row(Qi[r], Kj[c]);                  // line 11
-            const float p = hidden ? 0.f : expf(s - Li[r]);                         // line 13
-            const float dp = dot_row(dOi[r], Vj[c]);                                // line 17
+            const float s = softmax_scale * dot_row(Qi[r], Kj[c]);                  // line 10
+            const float p = hidden ? 0.f : expf(s - Li[r]);                         // line 11
+            const float dp = dot_row(dOi[r], Vj[c]);                                // line 13
             Pij[r][c] = p;
-            dSij[r][c] = hidden ? 0.f : p * (dp - Di[r]);                           // lines 19-20
+            dSij[r][c] = hidden ? 0.f : p * (dp - Di[r]);                           // line 14
             __syncthreads();                          // P_ij and dS_ij are complete
 
-            // line 16: dV_j[r] += sum_k P_ij[k][r] * dO_i[k]
-            // line 22: dK_j[r] += sum_k dS_ij[k][r] * Q_i[k]
+            // line 12: dV_j[r] += sum_k P_ij[k][r] * dO_i[k]
+            // line 16: dK_j[r] += sum_k dS_ij[k][r] * Q_i[k]
 #pragma unroll
             for (int k = 0; k < Br; ++k) {
                 if (!above_diagonal(i * Br + k, j * Bc + r, causal)) {
@@ -368,7 +373,7 @@ flash_backward_kernel(const float* __restrict__ Q,   // (B, H, Nq, d)
                 }
             }
 
-            // line 21: dQ_i[r] += scale * sum_k dS_ij[r][k] * K_j[k]
+            // line 15: dQ_i[r] += scale * sum_k dS_ij[r][k] * K_j[k]
             float4 dq = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
             for (int k = 0; k < Bc; ++k)
@@ -393,7 +398,7 @@ flash_backward_kernel(const float* __restrict__ Q,   // (B, H, Nq, d)
             __syncthreads();                          // Q_i, dO_i, P_ij, dS_ij, K_j, V_j read: free to overwrite
         }
 
-        // line 24: write dK_j, dV_j (zero for keys that no query sees)
+        // line 18: write dK_j, dV_j (zero for keys that no query sees)
         const int key = j * Bc + r;
         if (key < Nk) {
             *reinterpret_cast<float4*>(dK + (int64_t)key * d + 4 * c) =
@@ -748,13 +753,14 @@ struct Edge { static constexpr bool edge = true; };
 // -----------------------------------------------------------------------------
 // One block per (query tile i, batch * head); the query tiles with the most work (causal:
 // the last ones) are launched first. Warp w owns query rows 64i + 16w .. 64i + 16w + 15.
-//   line 8  (load Q_i)                 : cp.async, with K_0 and V_0
-//   line 5  (for j)                    : the j loop; causal stops at the diagonal tile j = i
-//   line 6  (load K_j, V_j)            : cp.async into one of two stages; j + 1 loads during j
-//   line 9  (S_ij = scale Q_i K_j^T)   : s[8][4], times scale * log2(e): exp2 replaces exp
-//   lines 10-11 (online softmax)       : row max over the 4 lanes of a row, alpha, l_i
-//   line 12 (O_i = alpha O_i + P V_j)  : o[8][4]; P is s[][] as it is (see the header)
-//   line 13 (L_i = m_i + log l_i)      : after the loop, with 1/l_i applied to O_i once
+//   line 4  (load Q_i)                 : cp.async, with K_0 and V_0
+//   line 5  (O_i = 0, l_i = 0, m_i = -inf): o[8][4], l[2], m[2]
+//   line 6  (for j)                    : the j loop; causal stops at the diagonal tile j = i
+//   line 7  (load K_j, V_j)            : cp.async into one of two stages; j + 1 loads during j
+//   line 8  (S_ij = Q_i K_j^T)         : s[8][4], times scale * log2(e): exp2 replaces exp
+//   line 9  (online softmax)           : row max over the 4 lanes of a row, alpha, l_i
+//   line 10 (O_i = alpha O_i + P V_j)  : o[8][4]; P is s[][] as it is (see the header)
+//   lines 12-15 (O_i / l_i, L_i)       : after the loop, with 1/l_i applied to O_i once
 __global__ void __launch_bounds__(THREADS)
 forward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const float* __restrict__ V,
                float* __restrict__ O, float* __restrict__ L, int64_t BH, int Nq, int Nk,
@@ -780,16 +786,16 @@ forward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const f
 
     const int last_row = min((i + 1) * Br, Nq) - 1;
     const int Tc_end = causal ? min(Tc, last_row / Bc + 1) : Tc;
-    load_tile_async(Qs, Q, i * Br, Nq);             // line 8
-    load_tile_async(Kj(0), K, 0, Nk);               // line 6 for j = 0
+    load_tile_async(Qs, Q, i * Br, Nq);             // line 4
+    load_tile_async(Kj(0), K, 0, Nk);               // line 7 for j = 0
     load_tile_async(Vj(0), V, 0, Nk);
     cp_async_commit();
 
-    float o[8][4] = {};                             // O_i, unnormalized
-    float m[2] = {-INFINITY, -INFINITY};            // line 2: running max of rows g, g + 8 (base 2)
-    float l[2] = {0.f, 0.f};                        // line 2: this lane's part of their sums
+    float o[8][4] = {};                             // line 5: O_i, unnormalized
+    float m[2] = {-INFINITY, -INFINITY};            // line 5: running max of rows g, g + 8 (base 2)
+    float l[2] = {0.f, 0.f};                        // line 5: this lane's part of their sums
 
-    // Lines 9-12 for key tile j, from stage st.
+    // Lines 8-10 for key tile j, from stage st.
     auto step = [&](int j, int st, auto kind) {
         constexpr bool edge = decltype(kind)::edge;
         const float* Ks = Kj(st);
@@ -797,7 +803,7 @@ forward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const f
         const bool diagonal = edge && causal && j == i;   // keys 16w + 16 .. 63 are hidden from warp w
         const int nb_end = diagonal ? 2 * w + 2 : 8;
 
-        // line 9: S_ij = Q_i K_j^T, 16 x 64 per warp; in base-2 units; hidden keys get -inf
+        // line 8: S_ij = Q_i K_j^T, 16 x 64 per warp; in base-2 units; hidden keys get -inf
         float s[8][4];
         mma_rows_tiles(s, Qs, r0, Ks, 0, nb_end);
 #pragma unroll
@@ -808,7 +814,7 @@ forward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const f
                 s[nb][e] = edge && masked(row, key, Nk, causal) ? -INFINITY : s[nb][e] * scale_log2;
             }
 
-        // lines 10-11: online softmax. Key 0 is in tile 0 and no row hides it, so m is finite
+        // line 9: online softmax. Key 0 is in tile 0 and no row hides it, so m is finite
         // from the first tile on, and exp2(-inf - m) = 0 for hidden keys.
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -830,7 +836,7 @@ forward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const f
             }
         }
 
-        // line 12: O_i += P~_ij V_j (alpha applied above)
+        // line 10: O_i += P~_ij V_j (alpha applied above)
         float pv[8][4];
         const bool nonfinite = mma_tile(pv, s, Vs, 0, nb_end, diagonal ? 2 * w : -2);
         add_to(o, pv);
@@ -843,10 +849,10 @@ forward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const f
         }
     };
 
-    for (int j = 0; j < Tc_end; ++j) {              // line 5
+    for (int j = 0; j < Tc_end; ++j) {              // line 6
         cp_async_wait_all();
         __syncthreads();                            // K_j, V_j landed; all warps are done with j - 1's stage
-        if (j + 1 < Tc_end) {                       // line 6 for j + 1, while j is computed
+        if (j + 1 < Tc_end) {                       // line 7 for j + 1, while j is computed
             load_tile_async(Kj((j + 1) % 2), K, (j + 1) * Bc, Nk);
             load_tile_async(Vj((j + 1) % 2), V, (j + 1) * Bc, Nk);
             cp_async_commit();
@@ -855,7 +861,7 @@ forward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const f
         else step(j, j % 2, Interior());
     }
 
-    // line 12's 1/l_i and line 13: write O_i and L_i = m_i + log(l_i) (natural log)
+    // lines 12-15: write O_i / l_i and L_i = m_i + log(l_i) (natural log)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         float l_row = l[h] + __shfl_xor_sync(0xffffffffu, l[h], 1);
@@ -903,21 +909,21 @@ forward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const f
 // is the older, faster one: benchmarks/NOTES.md.) The blocks are scheduled as in the
 // default mode, so deterministic and default runs take about the same time; the tutorial
 // kernels, simpler, give each buffer one block that walks its key tiles in turn.
-//   line 7  (load K_j, V_j)             : cp.async, once per j
-//   line 8  (dK_j = dV_j = 0)           : dk[8][4], dv[8][4] in registers
-//   line 9  (for i)                     : non-causal i = 0 .. Tr - 1; causal i = Tr - 1 down
+//   line 6  (load K_j, V_j)             : cp.async, once per j
+//   line 7  (dK_j = dV_j = 0)           : dk[8][4], dv[8][4] in registers
+//   line 8  (for i)                     : non-causal i = 0 .. Tr - 1; causal i = Tr - 1 down
 //                                         to j, the diagonal tile
-//   line 10 (load Q_i, dO_i, L_i, D_i)  : cp.async; the next tile loads while dQ_i is computed
-//   line 11 (S_ij^T = K_j Q_i^T)        : s[8][4]: keys as rows, queries as columns
-//   line 13 (P_ij = exp(S_ij - L_i))    : in place in s, from the saved logsumexp
-//   line 16 (dV_j += P_ij^T dO_i)       : as soon as P is known; P^T waits in dSs
-//   line 17 (dP_ij^T = V_j dO_i^T)      : into s, now free
-//   lines 19-20 (dS = P (dP - D_i))     : in place in s, then into shared memory (dSs)
-//   line 22 (dK_j += dS_ij^T Q_i)       : dk, scaled at the end
-//   line 21 (dQ_i += scale dS_ij K_j)   : each warp takes 16 queries, all 64 keys from dSs;
+//   line 9  (load Q_i, dO_i, L_i, D_i)  : cp.async; the next tile loads while dQ_i is computed
+//   line 10 (S_ij^T = K_j Q_i^T)        : s[8][4]: keys as rows, queries as columns
+//   line 11 (P_ij = exp(S_ij - L_i))    : in place in s, from the saved logsumexp
+//   line 12 (dV_j += P_ij^T dO_i)       : as soon as P is known; P^T waits in dSs
+//   line 13 (dP_ij^T = V_j dO_i^T)      : into s, now free
+//   line 14 (dS = P (dP - D_i))         : in place in s, then into shared memory (dSs)
+//   line 16 (dK_j += dS_ij^T Q_i)       : dk, scaled at the end
+//   line 15 (dQ_i += scale dS_ij K_j)   : each warp takes 16 queries, all 64 keys from dSs;
 //                                         atomicAdd of float2 into dQ; deterministic: stored
 //                                         (j < P) or added into partial buffer j mod P
-//   line 24 (write dK_j, dV_j)          : after the i loop
+//   line 18 (write dK_j, dV_j)          : after the i loop
 __global__ void __launch_bounds__(THREADS)
 backward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const float* __restrict__ V,
                 const float* __restrict__ dO, const float* __restrict__ L, const float* __restrict__ D,
@@ -934,7 +940,7 @@ backward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const 
     float* Ds = Ls + Br;                            // D_i
 
     const int Tr = cdiv(Nq, Br);
-    const int j = (int)(blockIdx.x / BH);            // line 6: this block's key tile
+    const int j = (int)(blockIdx.x / BH);            // line 5: this block's key tile
     const int64_t bh = blockIdx.x % BH;
     Q += bh * Nq * d;
     K += bh * Nk * d;
@@ -973,7 +979,7 @@ backward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const 
     const int i_first = causal ? Tr - 1 : 0, di = causal ? -1 : 1;
     const int i_end = causal ? min(j, Tr) - 1 : Tr;
 
-    // Lines 11-22 for the tiles i, j; ends with the next query tile loading.
+    // Lines 10-16 for the tiles i, j; ends with the next query tile loading.
     auto step = [&](int i, auto kind) {
         constexpr bool edge = decltype(kind)::edge;
         const int n = (i - i_first) * di;           // the step's number: 0, 1, ...
@@ -988,7 +994,7 @@ backward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const 
             return edge && (row >= Nq || masked(row, key, Nk, causal));
         };
 
-        // line 11: S^T = K_j Q_i^T; line 13: P = exp2(S scale log2(e) - L log2(e)), 0 if hidden
+        // line 10: S^T = K_j Q_i^T; line 11: P = exp2(S scale log2(e) - L log2(e)), 0 if hidden
         float s[8][4], part[8][4];
         mma_rows_tiles(s, Ks, r0, Qs, first, 8);
 #pragma unroll
@@ -1001,12 +1007,12 @@ backward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const 
         store_transposed(dSs, s, r0);               // P^T, kept in the warp's columns of dSs until dS
         __syncwarp();
 
-        // line 16: dV_j += P^T dO_i (the sum runs over the tile's queries)
+        // line 12: dV_j += P^T dO_i (the sum runs over the tile's queries)
         const bool bad_dO = mma_tile(part, s, dOs, first, 8, mixed);
         add_to(dv, part);
         if (diagonal && __any_sync(0xffffffffu, bad_dO)) add_nonfinite_products(dv, dSs, dOs, r0, true);
 
-        // line 17: dP^T = V_j dO_i^T; lines 19-20: dS = P (dP - D), 0 if hidden
+        // line 13: dP^T = V_j dO_i^T; line 14: dS = P (dP - D), 0 if hidden
         mma_rows_tiles(s, Vs, r0, dOs, first, 8);
         // Deterministic mode: publish that the query tiles of steps 0 .. n - 1 are written.
         // Half a step after their writes, which have completed by now, the release costs little.
@@ -1020,17 +1026,17 @@ backward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const 
                 s[nb][e] = hidden(nb, e) ? 0.f : p * (s[nb][e] - Ds[col]);
             }
         __syncwarp();                               // all lanes have read P before dS replaces it
-        store_transposed(dSs, s, r0);               // dS_ij, for lines 21 and 22
+        store_transposed(dSs, s, r0);               // dS_ij, for lines 15 and 16
         __syncwarp();
 
-        // line 22: dK_j += dS^T Q_i
+        // line 16: dK_j += dS^T Q_i
         const bool bad_Q = mma_tile(part, s, Qs, first, 8, mixed);
         add_to(dk, part);
         if (diagonal && __any_sync(0xffffffffu, bad_Q)) add_nonfinite_products(dk, dSs, Qs, r0, true);
         __syncthreads();                            // dS_ij is complete; Q_i, dO_i, L_i, D_i are read
-        if (i + di != i_end) load_query_tile(i + di);  // line 10, next tile, while dQ_i is computed
+        if (i + di != i_end) load_query_tile(i + di);  // line 9, next tile, while dQ_i is computed
 
-        // line 21: dQ_i += scale dS_ij K_j for the warp's 16 queries (rows r0 .. r0 + 15)
+        // line 15: dQ_i += scale dS_ij K_j for the warp's 16 queries (rows r0 .. r0 + 15)
 #pragma unroll
         for (int kc = 0; kc < 8; ++kc) {            // dS rows in the accumulator layout
             const float2 lo = row2(dSs, r0 + g, 8 * kc + 2 * t), hi = row2(dSs, r0 + g + 8, 8 * kc + 2 * t);
@@ -1061,16 +1067,16 @@ backward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const 
     };
 
 #pragma unroll
-    for (int nb = 0; nb < 8; ++nb)                  // line 8
+    for (int nb = 0; nb < 8; ++nb)                  // line 7
 #pragma unroll
         for (int e = 0; e < 4; ++e) dk[nb][e] = dv[nb][e] = 0.f;
 
     if (i_first != i_end) {
-        load_tile_async(Ks, K, j * Bc, Nk);         // line 7
+        load_tile_async(Ks, K, j * Bc, Nk);         // line 6
         load_tile_async(Vs, V, j * Bc, Nk);
         load_query_tile(i_first);
     }
-    for (int i = i_first; i != i_end; i += di) {    // line 9
+    for (int i = i_first; i != i_end; i += di) {    // line 8
         cp_async_wait_all();
         __syncthreads();                            // tile i landed; all warps are done with dSs of the last one
         const bool edge = (causal && i == j) || (i + 1) * Br > Nq || (j + 1) * Bc > Nk;
@@ -1082,7 +1088,7 @@ backward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const 
         if (lane0) publish(progress, Tr);
     }
 
-    // line 24: write dK_j (times the scale, once) and dV_j; zero for keys no query sees
+    // line 18: write dK_j (times the scale, once) and dV_j; zero for keys no query sees
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const int key = j * Bc + r0 + g + 8 * h;

@@ -11,7 +11,7 @@ one head. CUDA tensors run the kernels of flash_attention.cu; CPU tensors run th
 reference below, which walks the same 16x16 tiles in the same order.
 
 This file has four parts, in reading order:
-  1. the reference: Algorithm 1 (forward) and Algorithm 2 (backward) in PyTorch;
+  1. the reference: FlashAttention-2's Algorithm 1 (forward) and Algorithm 2 (backward) in PyTorch;
   2. the CUDA extension: loaded if installed, compiled on first use if not;
   3. the torch.library ops "flash_attention::forward" and "flash_attention::backward",
      with fake implementations (torch.compile), and the autograd function around them;
@@ -86,40 +86,42 @@ def _matmul_visible(A: Tensor, B: Tensor, hidden: Tensor | None) -> Tensor:
 
 
 def reference_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float):
-    """Algorithm 1 with the FlashAttention-2 loop order. Returns O (B, H, Nq, d) and L (B, H, Nq)."""
+    """FlashAttention-2's Algorithm 1 (its line numbers in the comments). Returns O (B, H, Nq, d)
+    and L (B, H, Nq)."""
     B, H, Nq, d = q.shape
     Nk = k.shape[2]
     O = q.new_empty(B, H, Nq, d)
     L = q.new_empty(B, H, Nq)
     Tr, Tc = math.ceil(Nq / Br), math.ceil(Nk / Bc)
-    for i in range(Tr):  # line 7, made the outer loop: one thread block per query tile
+    for i in range(Tr):  # line 3: one thread block per query tile
         rows = range(i * Br, min((i + 1) * Br, Nq))
-        Qi = q[:, :, rows.start : rows.stop]  # line 8: load Q_i
-        m_i = q.new_full((B, H, len(rows)), -math.inf)  # line 2: m = -inf
-        l_i = q.new_zeros(B, H, len(rows))  # line 2: l = 0
-        O_i = q.new_zeros(B, H, len(rows), d)
+        Q_i = q[:, :, rows.start : rows.stop]  # line 4: load Q_i
+        m_i = q.new_full((B, H, len(rows)), -math.inf)  # line 5: m_i = -inf
+        l_i = q.new_zeros(B, H, len(rows))  # line 5: l_i = 0
+        O_i = q.new_zeros(B, H, len(rows), d)  # line 5: O_i = 0
         Tc_end = min(Tc, (rows.stop - 1) // Bc + 1) if causal else Tc
-        for j in range(Tc_end):  # line 5
+        for j in range(Tc_end):  # line 6
             cols = range(j * Bc, min((j + 1) * Bc, Nk))
-            Kj = k[:, :, cols.start : cols.stop]  # line 6: load K_j, V_j
-            Vj = v[:, :, cols.start : cols.stop]
+            K_j = k[:, :, cols.start : cols.stop]  # line 7: load K_j, V_j
+            V_j = v[:, :, cols.start : cols.stop]
             hidden = _causal_mask(rows, cols, q.device) if causal else None
-            S_ij = softmax_scale * (Qi @ Kj.transpose(-1, -2))  # line 9
+            S_ij = softmax_scale * (Q_i @ K_j.transpose(-1, -2))  # line 8
             if causal:
                 S_ij = S_ij.masked_fill(hidden, -math.inf)
-            m_new = torch.maximum(m_i, S_ij.amax(-1))  # lines 10-11
+            m_new = torch.maximum(m_i, S_ij.amax(-1))  # line 9: m_i, P~_ij, l_i
             P_ij = torch.exp(S_ij - m_new[..., None])
             alpha = torch.exp(m_i - m_new)
             l_i = alpha * l_i + P_ij.sum(-1)
-            O_i = alpha[..., None] * O_i + _matmul_visible(P_ij, Vj, hidden)  # line 12
+            O_i = alpha[..., None] * O_i + _matmul_visible(P_ij, V_j, hidden)  # line 10
             m_i = m_new
-        O[:, :, rows.start : rows.stop] = O_i / l_i[..., None]  # line 12's 1/l, once
-        L[:, :, rows.start : rows.stop] = m_i + torch.log(l_i)  # line 13: logsumexp
+        O[:, :, rows.start : rows.stop] = O_i / l_i[..., None]  # lines 12, 14: O_i / l_i
+        L[:, :, rows.start : rows.stop] = m_i + torch.log(l_i)  # lines 13, 15: the logsumexp L_i
     return O, L
 
 
 def reference_backward(dO, q, k, v, O, L, causal: bool, softmax_scale: float):
-    """Algorithm 2 with the FlashAttention-2 loop order and the deterministic dQ combine.
+    """FlashAttention-2's Algorithm 2 (its line numbers in the comments), with the
+    deterministic dQ combine.
 
     Key tile j adds its dQ contributions to partial buffer p = j % P, in the order j = p,
     p + P, ...; dQ is the sum of the P buffers in the order p = 0 .. P-1, exactly as the
@@ -130,33 +132,33 @@ def reference_backward(dO, q, k, v, O, L, causal: bool, softmax_scale: float):
     Nk = k.shape[2]
     Tr, Tc = math.ceil(Nq / Br), math.ceil(Nk / Bc)
     P = dq_partials(Nk)
-    D = (dO * O).sum(-1)  # preprocess: D_i = rowsum(dO_i * O_i)
+    D = (dO * O).sum(-1)  # line 4: D = rowsum(dO * O)
     dQ_partial = q.new_zeros(P, B, H, Nq, d)
     dK = k.new_empty(B, H, Nk, d)
     dV = v.new_empty(B, H, Nk, d)
-    for j in range(Tc):  # line 6: one thread block per key tile
+    for j in range(Tc):  # line 5: one thread block per key tile
         cols = range(j * Bc, min((j + 1) * Bc, Nk))
-        Kj = k[:, :, cols.start : cols.stop]  # line 7
-        Vj = v[:, :, cols.start : cols.stop]
-        dK_j = k.new_zeros(B, H, len(cols), d)  # line 8
+        K_j = k[:, :, cols.start : cols.stop]  # line 6
+        V_j = v[:, :, cols.start : cols.stop]
+        dK_j = k.new_zeros(B, H, len(cols), d)  # line 7
         dV_j = v.new_zeros(B, H, len(cols), d)
         i_start = (j * Bc) // Br if causal else 0
-        for i in range(i_start, Tr):  # line 9
+        for i in range(i_start, Tr):  # line 8
             rows = range(i * Br, min((i + 1) * Br, Nq))
-            Qi = q[:, :, rows.start : rows.stop]  # line 10
-            dOi = dO[:, :, rows.start : rows.stop]
-            Li = L[:, :, rows.start : rows.stop]
-            Di = D[:, :, rows.start : rows.stop]
+            Q_i = q[:, :, rows.start : rows.stop]  # line 9
+            dO_i = dO[:, :, rows.start : rows.stop]
+            L_i = L[:, :, rows.start : rows.stop]
+            D_i = D[:, :, rows.start : rows.stop]
             hidden = _causal_mask(rows, cols, q.device) if causal else None
             hidden_T = hidden.T if causal else None
-            S_ij = softmax_scale * (Qi @ Kj.transpose(-1, -2))  # line 11
-            P_ij = torch.exp(S_ij - Li[..., None])  # line 13: P recomputed from L
-            dV_j = dV_j + _matmul_visible(P_ij.transpose(-1, -2), dOi, hidden_T)  # line 16
-            dP_ij = dOi @ Vj.transpose(-1, -2)  # line 17
-            dS_ij = P_ij * (dP_ij - Di[..., None])  # lines 19-20
-            dQ_partial[j % P, :, :, rows.start : rows.stop] += softmax_scale * _matmul_visible(dS_ij, Kj, hidden)  # line 21
-            dK_j = dK_j + _matmul_visible(dS_ij.transpose(-1, -2), Qi, hidden_T)  # line 22
-        dK[:, :, cols.start : cols.stop] = softmax_scale * dK_j  # line 24
+            S_ij = softmax_scale * (Q_i @ K_j.transpose(-1, -2))  # line 10
+            P_ij = torch.exp(S_ij - L_i[..., None])  # line 11: P recomputed from L
+            dV_j = dV_j + _matmul_visible(P_ij.transpose(-1, -2), dO_i, hidden_T)  # line 12
+            dP_ij = dO_i @ V_j.transpose(-1, -2)  # line 13
+            dS_ij = P_ij * (dP_ij - D_i[..., None])  # line 14
+            dQ_partial[j % P, :, :, rows.start : rows.stop] += softmax_scale * _matmul_visible(dS_ij, K_j, hidden)  # line 15
+            dK_j = dK_j + _matmul_visible(dS_ij.transpose(-1, -2), Q_i, hidden_T)  # line 16
+        dK[:, :, cols.start : cols.stop] = softmax_scale * dK_j  # line 18
         dV[:, :, cols.start : cols.stop] = dV_j
     dQ = q.new_zeros(B, H, Nq, d)
     for p in range(P):  # the fixed-order sum of the partial buffers
