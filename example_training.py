@@ -5,6 +5,7 @@
     python example_training.py --check-reproducible     # train twice; are the parameters bit-identical?
     python example_training.py --data notes.txt         # a character model of any text file
     python example_training.py --steps 400 --resume     # go on from the last checkpoint
+    torchrun --standalone --nproc_per_node=2 example_training.py   # 2 processes (GPUs), DistributedDataParallel
 
 What it writes, all in --out (default runs/example): checkpoint.pt (every --ckpt-every steps
 and at the end), loss_curve.csv and loss_curve.png (matplotlib, installed by ./install.sh)
@@ -19,12 +20,19 @@ Success: the share of fresh sequences sorted without a single mistake (the targe
 
 On the CPU the attention runs the PyTorch reference of the same tiled algorithm
 (flash_attention.py), slowly; the CPU defaults are a smaller model and shorter sequences.
+
+Under torchrun, each process trains a copy of the model with DistributedDataParallel (NCCL
+on GPUs, one process per GPU; gloo on CPUs). --batch-size is global: every process draws the
+batch a single process would (from the seed and the step alone) and trains on its own slice
+of it, so N processes see the data of one. Only the first process (rank 0) prints and writes.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import datetime
+import hashlib
 import math
 import os
 import sys
@@ -33,8 +41,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from flash_attention import HEAD_DIM, FlashAttention
@@ -47,6 +57,10 @@ VOCAB = 16  # symbols 0..15 of the sorting task; the separator is symbol 16
 TARGET_ACCURACY = 0.99  # share of sequences sorted without a mistake
 EVAL_EVERY = 50  # steps between evaluations (and points of the loss curve)
 MAX_LEN = 2048  # the longest sequence the position embedding takes
+# Under torchrun: how long a process waits for the others in a collective before it gives up
+# with an error (instead of hanging when another process died). The first CUDA call may
+# compile the kernels for minutes, hence the margin.
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=10)
 
 
 # --------------------------------------------------------------------------- the model (nanoGPT-style)
@@ -193,17 +207,65 @@ def batch_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-# --------------------------------------------------------------------------- training
+# --------------------------------------------------------------------------- several processes (torchrun)
 
 class UsageError(ValueError):
     """A mistake in the command line found after parsing: main() prints it as one line and exits 2."""
+
+
+@dataclass
+class Ranks:
+    """This process among the training processes; without torchrun, process 0 of 1."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def main_process() -> bool:
+    """Whether this process prints (and writes): the only one, or torchrun's rank 0."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def start_processes(args) -> Ranks:
+    """Under torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK): take GPU LOCAL_RANK (--device cuda)
+    and join the other processes, NCCL on GPUs and gloo on CPUs. Without torchrun: do nothing."""
+    if "RANK" not in os.environ:
+        return Ranks()
+    ranks = Ranks(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+    if args.batch_size % ranks.world:
+        raise UsageError(f"--batch-size {args.batch_size} is the global batch: it must split evenly over the "
+                         f"{ranks.world} processes")
+    if args.device == "cuda":
+        per_node, gpus = int(os.environ["LOCAL_WORLD_SIZE"]), torch.cuda.device_count()
+        if per_node > gpus:
+            raise UsageError(f"--device cuda: {per_node} processes on this machine (torchrun --nproc_per_node) "
+                             f"but {gpus} GPU(s); start at most one process per GPU, or use --device cpu")
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
+    return ranks
+
+
+def parameters_digest(model: nn.Module) -> str:
+    """SHA-256 of every parameter's bits, in order: equal digests, bit-identical parameters."""
+    h = hashlib.sha256()
+    for t in model.state_dict().values():
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- training
 
 
 # The options that decide the model's parameters: a checkpoint resumes only with the same ones.
 MODEL_OPTIONS = ("data", "seq_len", "n_layer", "n_embd")
 
 
-def load_checkpoint(args, device):
+def load_checkpoint(args, device, ranks: Ranks):
     """The checkpoint in args.out for --resume, after checking that this run can go on from it."""
     path = args.out / "checkpoint.pt"
     if not path.is_file():
@@ -224,6 +286,10 @@ def load_checkpoint(args, device):
             raise UsageError(f"--resume: the checkpoint at {path} was trained with {option} {said[saved]}, this run "
                              f"asks for {option} {said[asked]}; resume with the options the checkpoint was trained "
                              f"with ({', '.join('--' + n.replace('_', '-') for n in MODEL_OPTIONS)})")
+    if ckpt["world_size"] != ranks.world:
+        raise UsageError(f"--resume: the checkpoint at {path} was trained by {ckpt['world_size']} process(es), this "
+                         f"run has {ranks.world}; resume with the same number (torchrun --nproc_per_node), which "
+                         f"decides how each batch is split and so the bits")
     if ckpt["step"] >= args.steps:
         raise UsageError(f"--resume: --steps {args.steps} is not above the checkpoint's step {ckpt['step']} "
                          f"(at {path}); ask for more steps to go on training")
@@ -252,17 +318,22 @@ def make_reproducible(deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def train(args, task, log=True):
-    """Trains from args.seed (or from the checkpoint in args.out with --resume). Returns a summary dict."""
+def train(args, task, log=True, ranks: Ranks = Ranks()):
+    """Trains from args.seed (or from the checkpoint in args.out with --resume). Returns a summary dict.
+
+    With several processes, each trains on its slice of every batch through
+    DistributedDataParallel, and only process 0 logs and writes checkpoints."""
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     cfg = Config(task.vocab_size, task.block_size, args.n_layer, args.n_embd, args.attention, args.deterministic)
     model = GPT(cfg).to(device)
+    # Several processes: the wrapper averages the gradients over them in backward.
+    step_model = DistributedDataParallel(model) if ranks.world > 1 else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     ckpt_path = args.out / "checkpoint.pt"
     step, curve, reached = 0, [], None
     if args.resume:
-        ckpt = load_checkpoint(args, device)
+        ckpt = load_checkpoint(args, device, ranks)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step, curve, reached = ckpt["step"], ckpt["curve"], ckpt["reached"]
@@ -271,11 +342,16 @@ def train(args, task, log=True):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start, trained_from = time.perf_counter(), step
-    bar = tqdm(total=args.steps, initial=step, desc=f"train ({args.attention})", disable=not log, file=sys.stderr)
+    bar = tqdm(total=args.steps, initial=step, desc=f"train ({args.attention})", disable=not (log and ranks.main),
+               file=sys.stderr)
     loss = torch.tensor(float("nan"))
+    share = args.batch_size // ranks.world  # this process's rows of each batch
     while step < args.steps:
         inputs, targets = task.batch(args.batch_size, batch_generator(args.seed, step), device)
-        logits = model(inputs)
+        if ranks.world > 1:
+            mine = slice(ranks.rank * share, (ranks.rank + 1) * share)
+            inputs, targets = inputs[mine], targets[mine]
+        logits = step_model(inputs)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -284,6 +360,10 @@ def train(args, task, log=True):
         optimizer.step()
         step += 1
         if step % EVAL_EVERY == 0 or step == args.steps:
+            if ranks.world > 1:  # the loss of the whole batch: the mean of the equal slices' losses
+                loss = loss.detach().clone()
+                dist.all_reduce(loss)
+                loss /= ranks.world
             with torch.no_grad():
                 acc = task.accuracy(model(eval_inputs), eval_targets)
             elapsed = time.perf_counter() - start
@@ -292,10 +372,10 @@ def train(args, task, log=True):
                 reached = (step, elapsed)
             bar.set_postfix(loss=f"{loss.item():.4f}", acc=f"{acc:.3f}",
                             steps_per_s=f"{(step - trained_from) / elapsed:.1f}")
-        if step % args.ckpt_every == 0 or step == args.steps:
+        if ranks.main and (step % args.ckpt_every == 0 or step == args.steps):
             args.out.mkdir(parents=True, exist_ok=True)
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                        "curve": curve, "reached": reached,
+                        "curve": curve, "reached": reached, "world_size": ranks.world,
                         "options": {name: str(getattr(args, name)) for name in MODEL_OPTIONS}}, ckpt_path)
         bar.update()
     bar.close()
@@ -342,8 +422,8 @@ def save_curve(curve, out: Path) -> list[Path]:
 # --------------------------------------------------------------------------- command line
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block and no traceback
-        self.exit(2, f"example_training.py: error: {message}\n")
+    def error(self, message):  # one line, no usage block and no traceback; once under torchrun
+        self.exit(2, f"example_training.py: error: {message}\n" if main_process() else None)
 
 
 def unusable_directory(out: Path) -> str | None:
@@ -366,14 +446,17 @@ def make_parser() -> Parser:
                    help="the model's attention: this project's (flash) or PyTorch's (sdpa, naive)")
     p.add_argument("--deterministic", action="store_true", help="bit-reproducible training (see --check-reproducible)")
     p.add_argument("--check-reproducible", action="store_true",
-                   help="train twice from one seed in deterministic mode; report whether every parameter is bit-identical")
+                   help="train twice from one seed in deterministic mode; report whether every parameter is "
+                        "bit-identical (under torchrun: on every process, and equal across processes)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where to train (default: cuda if a GPU is found, else cpu; the CPU runs a smaller model)")
     p.add_argument("--data", type=Path, help="train a character model on this text file instead")
     p.add_argument("--steps", type=int, help="training steps (GPU 3000, CPU 1500)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the initial parameters and of every batch (default 0)")
-    p.add_argument("--batch-size", type=int, help="sequences per step (GPU 64, CPU 32)")
+    p.add_argument("--batch-size", type=int,
+                   help="sequences per step, over all processes under torchrun: each trains on its equal share "
+                        "(GPU 64, CPU 32)")
     p.add_argument("--seq-len", type=int, help="symbols to sort (GPU 32, CPU 16), or the context of --data")
     p.add_argument("--n-layer", type=int, help="transformer blocks (GPU 4, CPU 2)")
     p.add_argument("--n-embd", type=int, help="model width, a multiple of 64 (GPU 256, CPU 128)")
@@ -420,32 +503,55 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    ranks = None
     try:
-        return run(args)
+        ranks = start_processes(args)
+        return run(args, ranks)
     except UsageError as e:
-        print(f"example_training.py: error: {e}", file=sys.stderr)
+        if main_process():
+            print(f"example_training.py: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if ranks is None or ranks.world == 1:
+            raise  # one process: the whole traceback, as any script
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"example_training.py: error: process {ranks.rank} of {ranks.world} failed: {type(e).__name__}: "
+              f"{first}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
-def run(args):
+def run(args, ranks: Ranks = Ranks()):
     make_reproducible(args.deterministic)
     task = CharText(args.data, args.seq_len) if args.data else Sorting(args.seq_len)
+    say = print if ranks.main else (lambda *a, **k: None)
     what = f"character model of {args.data}" if args.data else f"sorting {args.seq_len} symbols"
-    print(f"Task: {what}. Model: {args.n_layer} blocks, width {args.n_embd} ({args.n_embd // HEAD_DIM} heads), "
-          f"attention={args.attention}, deterministic={args.deterministic}, device={args.device}.")
+    processes = f", {ranks.world} processes" if ranks.world > 1 else ""
+    say(f"Task: {what}. Model: {args.n_layer} blocks, width {args.n_embd} ({args.n_embd // HEAD_DIM} heads), "
+        f"attention={args.attention}, deterministic={args.deterministic}, device={args.device}{processes}.")
 
     if args.check_reproducible:
         runs = []
         for n in (1, 2):
-            print(f"Run {n} of 2 from seed {args.seed}...")
+            say(f"Run {n} of 2 from seed {args.seed}...")
             run_args = argparse.Namespace(**{**vars(args), "resume": False, "out": args.out / f"reproducible_{n}"})
-            runs.append(train(run_args, task)["model"].state_dict())
-        same = all(torch.equal(runs[0][name], runs[1][name]) for name in runs[0])
-        print(f"Reproducible: {'yes' if same else 'NO'}: {len(runs[0])} parameter tensors "
-              f"{'all bit-identical' if same else 'differ'} after {args.steps} steps.")
+            runs.append(train(run_args, task, ranks=ranks)["model"])
+        first, second = (m.state_dict() for m in runs)
+        same = all(torch.equal(first[name], second[name]) for name in first)
+        verdict = f"{len(first)} parameter tensors {'all bit-identical' if same else 'differ'} after {args.steps} steps"
+        if ranks.world > 1:  # and every process must hold the same parameters as process 0
+            views = [None] * ranks.world
+            dist.all_gather_object(views, (same, parameters_digest(runs[1])))
+            same = all(ok for ok, _ in views) and len({digest for _, digest in views}) == 1
+            verdict += f", {'and equal' if same else 'or unequal'} on all {ranks.world} processes"
+        say(f"Reproducible: {'yes' if same else 'NO'}: {verdict}.")
         return 0 if same else 1
 
-    result = train(args, task)
+    result = train(args, task, ranks=ranks)
+    if not ranks.main:
+        return 0
     paths = save_curve(result["curve"], args.out)
     print(f"Final loss {result['final_loss']:.4f}, accuracy {result['accuracy']:.3f} "
           f"({'sequences sorted without a mistake' if not args.data else 'next character'}), "

@@ -32,10 +32,13 @@ def test_python_block_runs(code):
 
 
 def test_bash_blocks_name_only_existing_scripts():
-    """The commands themselves run in CI (.ci/run) and in tests/test_training.py."""
+    """The commands themselves run in CI (.ci/run) and in tests/test_training.py (torchrun too)."""
     for doc in DOCS:
         for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), flags=re.S):
             for line in block.strip().splitlines():
                 words = line.split()
-                script = words[1] if words[0] == "python" else words[0]
+                if words[0] == "torchrun":
+                    script = next(w for w in words if w.endswith(".py"))
+                else:
+                    script = words[1] if words[0] == "python" else words[0]
                 assert (ROOT / script.removeprefix("./")).exists(), f"{doc.name}: {script} does not exist"

@@ -155,6 +155,49 @@ def test_help_explains_every_option():
     assert "default runs/example" in result.stdout and "checkpoint.pt" in result.stdout
 
 
+# ---------------------------------------------------------------------------- several processes (torchrun, gloo)
+
+def torchrun(*args, processes=2, timeout=600):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               str(ROOT / "example_training.py"), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_two_processes_learn_reproduce_and_resume_only_with_two(tmp_path):
+    result = torchrun(*SMALL, "--steps", "100", "--out", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("Final loss") == 1 and "2 processes" in result.stdout  # process 0 alone reports
+    rows = (tmp_path / "run" / "loss_curve.csv").read_text().splitlines()[1:]
+    losses = [float(row.split(",")[1]) for row in rows]
+    assert len(losses) == 2 and losses[-1] < 0.6 * losses[0]
+
+    result = torchrun(*SMALL, "--steps", "30", "--check-reproducible", "--out", str(tmp_path / "twice"))
+    assert result.returncode == 0, result.stderr
+    assert "Reproducible: yes" in result.stdout and "equal on all 2 processes" in result.stdout, result.stdout
+
+    checkpoint = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    one_line_error(run_script(*SMALL, "--steps", "200", "--resume", "--out", str(tmp_path / "run"), timeout=120),
+                   "--resume", "2 process(es)", "this run has 1")
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == checkpoint
+
+
+def test_batch_that_does_not_split_over_the_processes_is_refused_once(tmp_path):
+    result = torchrun(*SMALL[:-1], "15", "--steps", "3", "--out", str(tmp_path / "out"), timeout=300)
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if line.startswith("example_training.py:")]
+    assert len(ours) == 1 and "--batch-size 15" in ours[0] and "2 processes" in ours[0], result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_process_without_torchrun_is_not_distributed(tmp_path, monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    args = et.parse_args(SMALL + ["--steps", "2", "--out", str(tmp_path)])
+    assert et.start_processes(args) == et.Ranks(0, 1) and not torch.distributed.is_initialized()
+    result = et.train(args, et.Sorting(args.seq_len), log=False)
+    assert type(result["model"]) is et.GPT
+
+
 @requires_cuda
 def test_default_run_reaches_the_target_on_cuda(tmp_path):
     result = run_script("--out", str(tmp_path))
