@@ -156,7 +156,8 @@ def reference_backward(dO, q, k, v, O, L, causal: bool, softmax_scale: float):
             dV_j = dV_j + _matmul_visible(P_ij.transpose(-1, -2), dO_i, hidden_T)  # line 12
             dP_ij = dO_i @ V_j.transpose(-1, -2)  # line 13
             dS_ij = P_ij * (dP_ij - D_i[..., None])  # line 14
-            dQ_partial[j % P, :, :, rows.start : rows.stop] += softmax_scale * _matmul_visible(dS_ij, K_j, hidden)  # line 15
+            dQ_ij = softmax_scale * _matmul_visible(dS_ij, K_j, hidden)  # line 15, into buffer j % P
+            dQ_partial[j % P, :, :, rows.start : rows.stop] += dQ_ij
             dK_j = dK_j + _matmul_visible(dS_ij.transpose(-1, -2), Q_i, hidden_T)  # line 16
         dK[:, :, cols.start : cols.stop] = softmax_scale * dK_j  # line 18
         dV[:, :, cols.start : cols.stop] = dV_j

@@ -92,4 +92,5 @@ def test_complete_toolkit_without_gpu_builds_on_first_use_or_for_the_arch_list(t
 def test_no_toolkit_is_named(monkeypatch, cuda_pytorch_without_gpu):
     fa, cpp_extension = cuda_pytorch_without_gpu
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
-    assert fa.cuda_build_blockers(need_gpu_arch=True) == ["the CUDA toolkit (nvcc not found on PATH and CUDA_HOME not set)"]
+    expected = ["the CUDA toolkit (nvcc not found on PATH and CUDA_HOME not set)"]
+    assert fa.cuda_build_blockers(need_gpu_arch=True) == expected
