@@ -305,6 +305,18 @@ def learning_rate(step: int, args) -> float:
     return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
+def train_step(model, optimizer, inputs, targets, lr: float) -> torch.Tensor:
+    """One AdamW step on the cross-entropy of the next tokens (targets of -1 are not counted). Returns the loss."""
+    logits = model(inputs)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    return loss
+
+
 def make_reproducible(deterministic: bool) -> None:
     """What PyTorch needs, beyond deterministic=True for the attention, for bit-identical training:
     deterministic algorithms everywhere (the embedding's backward otherwise adds with atomics),
@@ -351,13 +363,7 @@ def train(args, task, log=True, ranks: Ranks = Ranks()):
         if ranks.world > 1:
             mine = slice(ranks.rank * share, (ranks.rank + 1) * share)
             inputs, targets = inputs[mine], targets[mine]
-        logits = step_model(inputs)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args)
-        optimizer.step()
+        loss = train_step(step_model, optimizer, inputs, targets, learning_rate(step, args))
         step += 1
         if step % EVAL_EVERY == 0 or step == args.steps:
             if ranks.world > 1:  # the loss of the whole batch: the mean of the equal slices' losses

@@ -1,5 +1,6 @@
 """example_training.py: it learns, it is reproducible, it resumes, and bad arguments give one line."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -153,6 +154,22 @@ def test_help_explains_every_option():
     result = run_script("--help", timeout=120)
     assert result.returncode == 0
     assert "default runs/example" in result.stdout and "checkpoint.pt" in result.stdout
+
+
+def test_training_benchmark_smoke_run_on_cpu(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_bench.py"), "--device", "cpu", "--config",
+                             "tiny", "--warmup", "1", "--windows", "2", "--window", "2", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["impl"] for r in rows] == ["flash", "flash_det", "sdpa", "naive"]
+    for r in rows:
+        assert {"config", "impl", "steps_per_s", "peak_mib", "final_loss", "gpu", "date"} <= r.keys()
+        assert r["config"] == "tiny" and r["steps_per_s"] > 0 and r["gpu"] == "cpu"
+    # one seed, the same batches: every attention ends near the same loss (they differ in rounding only)
+    assert max(r["final_loss"] for r in rows) - min(r["final_loss"] for r in rows) < 1e-3
+    assert result.stdout.count("| tiny |") == 4
 
 
 # ---------------------------------------------------------------------------- several processes (torchrun, gloo)

@@ -1,0 +1,144 @@
+"""Training benchmark: example_training.py's model trained with each attention, side by side, in one run.
+
+    python benchmarks/train_bench.py                          # configs default and long, every attention
+    python benchmarks/train_bench.py --config gpt2small       # GPT-2 small's shape (report only)
+    python benchmarks/train_bench.py --device cpu --config tiny --warmup 1 --windows 2 --window 2   # smoke run
+
+Configs: default (the example's GPU defaults: sorting, 4 blocks of width 256, batch 64),
+long (a character model of USAGE.md, 4 blocks of width 256, sequences of 4096, batch 4:
+attention dominates the step), gpt2small (12 blocks of width 768, sequences of 1024,
+batch 8) and tiny (for smoke runs). Attentions: flash (this project, default mode),
+flash_det (deterministic=True, under torch.use_deterministic_algorithms), sdpa (PyTorch's
+scaled_dot_product_attention, its own choice of backend) and naive (matmul-softmax-matmul).
+
+For each (config, attention) the model starts from one seed and trains on the same batches
+(example_training.py's: each step's batch from the seed and the step alone), with its
+train_step, at a constant learning rate. It measures:
+- steps_per_s: the median over --windows timed windows of --window steps, after --warmup
+  steps, the GPU synchronized at each window's edges;
+- peak_mib: peak GPU memory during the run, above what was allocated before the model;
+- final_loss: the training loss of the last step.
+It prints a markdown table and writes one JSON line per row (config, impl, steps_per_s,
+peak_mib, final_loss, gpu, date, ...) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import example_training as et  # noqa: E402
+
+CONFIGS = {
+    "default": dict(data=None, **{k: et.GPU_DEFAULTS[k] for k in ("seq_len", "n_layer", "n_embd", "batch_size")}),
+    "long": dict(data=ROOT / "USAGE.md", seq_len=4096, n_layer=4, n_embd=256, batch_size=4),
+    "gpt2small": dict(data=ROOT / "USAGE.md", seq_len=1024, n_layer=12, n_embd=768, batch_size=8),
+    "tiny": dict(data=None, seq_len=8, n_layer=1, n_embd=64, batch_size=8),
+}
+IMPLS = ("flash", "flash_det", "sdpa", "naive")
+SEED = 0
+LR = et.GPU_DEFAULTS["lr"]
+
+
+def measure(config: str, impl: str, device: torch.device, warmup: int, windows: int, window: int) -> dict:
+    c = CONFIGS[config]
+    task = et.CharText(c["data"], c["seq_len"]) if c["data"] else et.Sorting(c["seq_len"])
+    deterministic = impl == "flash_det"
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    cfg = et.Config(task.vocab_size, task.block_size, c["n_layer"], c["n_embd"],
+                    "flash" if deterministic else impl, deterministic)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    torch.manual_seed(SEED)
+    model = et.GPT(cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+
+    def steps(first: int, count: int) -> torch.Tensor:
+        for step in range(first, first + count):
+            inputs, targets = task.batch(c["batch_size"], et.batch_generator(SEED, step), device)
+            loss = et.train_step(model, optimizer, inputs, targets, LR)
+        if cuda:
+            torch.cuda.synchronize(device)
+        return loss
+
+    steps(0, warmup)
+    rates = []
+    for w in range(windows):
+        start = time.perf_counter()
+        loss = steps(warmup + w * window, window)
+        rates.append(window / (time.perf_counter() - start))
+    return dict(
+        config=config, impl=impl, steps_per_s=statistics.median(rates),
+        peak_mib=(torch.cuda.max_memory_allocated(device) - base) / 2**20 if cuda else None,
+        final_loss=loss.item(), steps=warmup + windows * window, **{k: str(v) if k == "data" else v
+                                                                      for k, v in c.items()})
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| config | attention | steps/s | vs sdpa | peak MiB | final loss |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        sdpa = next((s for s in rows if s["config"] == r["config"] and s["impl"] == "sdpa"), None)
+        ratio = f"{r['steps_per_s'] / sdpa['steps_per_s']:.2f}" if sdpa else "-"
+        peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-"
+        lines.append(f"| {r['config']} | {r['impl']} | {r['steps_per_s']:.1f} | {ratio} | {peak} | "
+                     f"{r['final_loss']:.4f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", action="append", choices=sorted(CONFIGS),
+                        help="configurations (default: default and long)")
+    parser.add_argument("--impl", action="append", choices=IMPLS, help="attentions (default: all)")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed steps first (default 20)")
+    parser.add_argument("--windows", type=int, default=5, help="timed windows (default 5)")
+    parser.add_argument("--window", type=int, default=20, help="steps in a timed window (default 20)")
+    parser.add_argument("--out", type=Path, help="JSON lines (default: benchmarks/results/<gpu>_<date>_train.jsonl)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is available (use --device cpu)")
+    for name in ("warmup", "windows", "window"):
+        if getattr(args, name) < (0 if name == "warmup" else 1):
+            parser.error(f"--{name} must be at least {0 if name == 'warmup' else 1}, got {getattr(args, name)}")
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts; flash_det needs it
+    device = torch.device(args.device)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    date = datetime.date.today().isoformat()
+    out = args.out or ROOT / "benchmarks" / "results" / f"{gpu.replace(' ', '_')}_{date}_train.jsonl"
+    runs = [(c, i) for c in (args.config or ["default", "long"]) for i in (args.impl or IMPLS)]
+    rows = []
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("")  # rows are appended as they are measured: a run cut short keeps them
+    with et.tqdm(runs, desc="train_bench", file=sys.stderr) as bar:
+        for config, impl in bar:
+            bar.set_postfix_str(f"{config} {impl}")
+            row = measure(config, impl, device, args.warmup, args.windows, args.window)
+            row.update(gpu=gpu, date=date, torch=torch.__version__)
+            rows.append(row)
+            with out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+    torch.use_deterministic_algorithms(False)
+    print(f"\n{gpu}, PyTorch {torch.__version__}, {date}, FP32; median steps/s of {args.windows} windows of "
+          f"{args.window} steps after {args.warmup}. JSON lines: {out}\n")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
