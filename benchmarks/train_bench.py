@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -125,7 +126,7 @@ def main(argv=None):
     rows = []
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("")  # rows are appended as they are measured: a run cut short keeps them
-    with et.tqdm(runs, desc="train_bench", file=sys.stderr) as bar:
+    with tqdm(runs, desc="train_bench", file=sys.stderr) as bar:
         for config, impl in bar:
             bar.set_postfix_str(f"{config} {impl}")
             row = measure(config, impl, device, args.warmup, args.windows, args.window)
