@@ -68,7 +68,8 @@ def measure(config: str, impl: str, device: torch.device, warmup: int, windows: 
     model = et.GPT(cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
 
-    def steps(first: int, count: int) -> torch.Tensor:
+    def steps(first: int, count: int) -> torch.Tensor | None:
+        loss = None
         for step in range(first, first + count):
             inputs, targets = task.batch(c["batch_size"], et.batch_generator(SEED, step), device)
             loss = et.train_step(model, optimizer, inputs, targets, LR)
