@@ -174,9 +174,9 @@ def test_training_benchmark_smoke_run_on_cpu(tmp_path):
 
 # ---------------------------------------------------------------------------- several processes (torchrun, gloo)
 
-def torchrun(*args, processes=2, timeout=600):
+def torchrun(*args, processes=2, timeout=600, script=ROOT / "example_training.py"):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               str(ROOT / "example_training.py"), *args]
+               str(script), *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
@@ -204,6 +204,14 @@ def test_batch_that_does_not_split_over_the_processes_is_refused_once(tmp_path):
     ours = [line for line in result.stderr.splitlines() if line.startswith("example_training.py:")]
     assert len(ours) == 1 and "--batch-size 15" in ours[0] and "2 processes" in ours[0], result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_failing_process_says_so_in_one_line_and_nothing_hangs(tmp_path):
+    result = torchrun(*SMALL, "--steps", "100", "--out", str(tmp_path / "out"), timeout=300,
+                      script=ROOT / "tests" / "failing_process.py")
+    assert result.returncode != 0
+    line = "example_training.py: error: process 1 of 2 failed: RuntimeError: the sixth batch failed\n"
+    assert result.stderr.count(line) == 1 and "second line" not in result.stderr, result.stderr
 
 
 def test_one_process_without_torchrun_is_not_distributed(tmp_path, monkeypatch):
