@@ -225,6 +225,12 @@ class Ranks:
         return self.rank == 0
 
 
+def one_line(e: Exception) -> str:
+    """The exception's type and the first line of its message."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
 def main_process() -> bool:
     """Whether this process prints (and writes): the only one, or torchrun's rank 0."""
     return os.environ.get("RANK", "0") == "0"
@@ -273,8 +279,7 @@ def load_checkpoint(args, device, ranks: Ranks):
     try:
         ckpt = torch.load(path, map_location=device)
     except Exception as e:  # a truncated or foreign file: say so in one line
-        raise UsageError(f"--resume: the checkpoint at {path} cannot be read ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from e
+        raise UsageError(f"--resume: the checkpoint at {path} cannot be read ({one_line(e)})") from e
     if not isinstance(ckpt, dict) or "options" not in ckpt:
         raise UsageError(f"--resume: {path} is not a checkpoint of this version of example_training.py "
                          f"(it does not record the options it was trained with); train anew without --resume")
@@ -520,9 +525,8 @@ def main(argv=None):
     except Exception as e:
         if ranks is None or ranks.world == 1:
             raise  # one process: the whole traceback, as any script
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"example_training.py: error: process {ranks.rank} of {ranks.world} failed: {type(e).__name__}: "
-              f"{first}", file=sys.stderr)
+        print(f"example_training.py: error: process {ranks.rank} of {ranks.world} failed: {one_line(e)}",
+              file=sys.stderr)
         return 1
     finally:
         if dist.is_initialized():
