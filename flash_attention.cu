@@ -890,7 +890,7 @@ forward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const f
 // order in which the blocks run.
 // Tile j < P stores (it is the first), the others add. Each warp publishes, after each
 // query tile, how many query tiles it has written (dQ_progress, one int per warp of each
-// block, zeroed before the launch), and before it writes the query tile of its step n,
+// tile, zeroed before the launch), and before it writes the query tile of its step n,
 // waits until warp w of tile j - P has published more than n. Step n is the same query
 // tile in both blocks, because both sweep the same way: upward from query tile 0 when
 // non-causal, downward from the last query tile when causal. (Causal and upward, tile j
@@ -900,15 +900,11 @@ forward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const f
 // backward needs no more than one buffer: tile j trails tile j - 1 by part of a step, but
 // has one query tile less to walk, and dQ itself is the buffer: no sum. Non-causal, every
 // tile walks every query tile, and a chain of Tc tiles that run at once would end Tc
-// part-steps late.) The GPU starts blocks in the order of their index (CUDA does not
-// promise it, but CUTLASS's and FlashAttention's semaphores rely on it too), so block
-// j - P has started before block j, and it waits only on earlier blocks itself: the chain
-// always moves. (Blocks that take their tiles from a ticket counter, in the order they
-// start, cannot hang whatever that order; measured on an H200, they cost +40% at one wave,
-// B = 2, H = 8, N = 1024, as the tickets no longer follow which block of a multiprocessor
-// is the older, faster one: benchmarks/NOTES.md.) The blocks are scheduled as in the
-// default mode, so deterministic and default runs take about the same time; the tutorial
-// kernels, simpler, give each buffer one block that walks its key tiles in turn.
+// part-steps late.) A tile waits only for a tile that a running block has taken (see
+// take_tiles below), so the chain moves whatever order the GPU starts the blocks in. The
+// blocks are scheduled as in the default mode, so deterministic and default runs take
+// about the same time; the tutorial kernels, simpler, give each buffer one block that
+// walks its key tiles in turn.
 //   line 6  (load K_j, V_j)             : cp.async, once per j
 //   line 7  (dK_j = dV_j = 0)           : dk[8][4], dv[8][4] in registers
 //   line 8  (for i)                     : non-causal i = 0 .. Tr - 1; causal i = Tr - 1 down
@@ -924,13 +920,14 @@ forward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const f
 //                                         atomicAdd of float2 into dQ; deterministic: stored
 //                                         (j < P) or added into partial buffer j mod P
 //   line 18 (write dK_j, dV_j)          : after the i loop
-__global__ void __launch_bounds__(THREADS)
-backward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const float* __restrict__ V,
-                const float* __restrict__ dO, const float* __restrict__ L, const float* __restrict__ D,
-                float* __restrict__ dQ, float* __restrict__ dQ_partial, int* __restrict__ dQ_progress,
-                float* __restrict__ dK, float* __restrict__ dV, int64_t BH, int Nq, int Nk, int P,
-                float softmax_scale, bool causal, bool deterministic) {
-    extern __shared__ __align__(16) float smem[];
+//
+// Lines 6-18 for key tile j of head bh, tile = j * BH + bh: the work of one block.
+__device__ __forceinline__ void backward_key_tile(
+        const float* __restrict__ Q, const float* __restrict__ K, const float* __restrict__ V,
+        const float* __restrict__ dO, const float* __restrict__ L, const float* __restrict__ D,
+        float* __restrict__ dQ, float* __restrict__ dQ_partial, int* __restrict__ dQ_progress,
+        float* __restrict__ dK, float* __restrict__ dV, int64_t BH, int Nq, int Nk, int P,
+        float softmax_scale, bool causal, bool deterministic, float* smem, int64_t tile) {
     float* Ks = smem;                               // K_j
     float* Vs = smem + TILE;                        // V_j
     float* dSs = smem + 2 * TILE;                   // dS_ij, queries as rows
@@ -940,8 +937,8 @@ backward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const 
     float* Ds = Ls + Br;                            // D_i
 
     const int Tr = cdiv(Nq, Br);
-    const int j = (int)(blockIdx.x / BH);            // line 5: this block's key tile
-    const int64_t bh = blockIdx.x % BH;
+    const int j = (int)(tile / BH);                 // line 5: the key tile
+    const int64_t bh = tile % BH;
     Q += bh * Nq * d;
     K += bh * Nk * d;
     V += bh * Nk * d;
@@ -956,7 +953,7 @@ backward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const 
     const bool lane0 = threadIdx.x % 32 == 0;
     // Deterministic mode: this warp's progress, the previous writer's (tile j - P, same head
     // and warp; null if j < P), and the most the previous writer is known to have written.
-    int* progress = deterministic ? dQ_progress + (int64_t)blockIdx.x * WARPS + w : nullptr;
+    int* progress = deterministic ? dQ_progress + tile * WARPS + w : nullptr;
     const int* previous = deterministic && j >= P ? progress - P * BH * WARPS : nullptr;
     int previous_done = 0;
     const int r0 = MMA_M * w;
@@ -1103,6 +1100,52 @@ backward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const 
     }
 }
 
+// Deterministic mode: which block computes which tile. Tile t's block is block t, but a
+// block may only wait for a tile that a running block has taken, whatever order the GPU
+// starts blocks in (CUDA promises none). So a block first takes its own tile (a flag per
+// tile, set by atomicExch: exactly one block takes each), then, going back along the
+// chain of its buffer (t - stride, t - 2 stride, ...), every tile that no block has taken
+// yet, until one that a started block took, or the chain's first tile. It computes them in
+// the chain's order, lowest first. A block whose own tile is taken has nothing to do.
+// When blocks start in index order, as they do on every GPU tried, a block takes its own
+// tile alone (tile t - stride was taken when its block started): block t computes tile t.
+// Returns the first tile to compute, or -1 for none.
+__device__ int take_tiles(int* taken, int tile, int stride) {
+    __shared__ int first;
+    if (threadIdx.x == 0) {
+        first = -1;
+        if (atomicExch(taken + tile, 1) == 0)
+            for (first = tile; first >= stride && atomicExch(taken + first - stride, 1) == 0;) first -= stride;
+    }
+    __syncthreads();
+    return first;
+}
+
+// One block per (key tile j, batch * head): tile j * BH + bh, computed by block
+// j * BH + bh (deterministic mode: see take_tiles). reversed_start (for the tests only):
+// block b takes tile gridDim.x - 1 - b, as if the GPU started the blocks in reverse order.
+// A kernel per mode, so that the default mode's has neither the flags nor the loop.
+template <bool deterministic>
+__global__ void __launch_bounds__(THREADS)
+backward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const float* __restrict__ V,
+                const float* __restrict__ dO, const float* __restrict__ L, const float* __restrict__ D,
+                float* __restrict__ dQ, float* __restrict__ dQ_partial, int* __restrict__ dQ_progress,
+                int* __restrict__ dQ_taken, float* __restrict__ dK, float* __restrict__ dV,
+                int64_t BH, int Nq, int Nk, int P, float softmax_scale, bool causal,
+                bool reversed_start) {
+    extern __shared__ __align__(16) float smem[];
+    const int tile = reversed_start ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+    const int stride = P * (int)BH;                 // tile - stride: the previous tile of its buffer
+    const int first = deterministic ? take_tiles(dQ_taken, tile, stride) : tile;
+    if (first < 0) return;
+    for (int t = first;; t += stride) {             // first, first + stride, ..., tile
+        backward_key_tile(Q, K, V, dO, L, D, dQ, dQ_partial, dQ_progress, dK, dV, BH, Nq, Nk, P,
+                          softmax_scale, causal, deterministic, smem, t);
+        if (t == tile) break;
+        __syncthreads();                            // all warps are done with this tile's shared memory
+    }
+}
+
 }  // namespace fast
 
 // -----------------------------------------------------------------------------
@@ -1123,10 +1166,11 @@ int dq_partials(int Nk, Kernel kernel, bool causal) {
     return causal && Tc <= fast::SINGLE_CHAIN ? 1 : std::min(Tc, fast::DQ_PARTIALS);
 }
 
-// How many ints the fast deterministic backward needs for its progress counters (one per
-// warp of each block: Tc * BH * 4); the tutorial kernels need none.
+// How many ints the fast deterministic backward needs: a progress counter per warp of each
+// tile, then a flag per tile (taken by a block): Tc * BH * (4 + 1). The tutorial kernels
+// need none.
 int64_t dq_progress_ints(int64_t BH, int Nk, Kernel kernel) {
-    return kernel == Kernel::fast ? cdiv(Nk, fast::Bc) * BH * fast::WARPS : 0;
+    return kernel == Kernel::fast ? cdiv(Nk, fast::Bc) * BH * (fast::WARPS + 1) : 0;
 }
 
 constexpr size_t FAST_FORWARD_SMEM = 5 * fast::TILE * sizeof(float);  // Q_i; K_j, V_j twice: 85 KB
@@ -1158,12 +1202,13 @@ cudaError_t forward(const float* q, const float* k, const float* v, float* o, fl
 // Default mode: dq must be zeroed (the kernels add into it). Deterministic mode: dq is
 // partial buffer 0, dq_partial holds buffers 1 .. P-1 ((P - 1) * BH * Nq * d floats, with
 // P = dq_partials(Nk, kernel, causal); unused when P = 1), and dq_progress
-// dq_progress_ints(BH, Nk, kernel) ints (zeroed here).
+// dq_progress_ints(BH, Nk, kernel) ints (zeroed here). reversed_start, for the tests: the
+// fast backward's blocks take their tiles as if the GPU started them in reverse order.
 cudaError_t backward(const float* dout, const float* q, const float* k, const float* v,
                      const float* o, const float* L, float* D, float* dq, float* dq_partial,
                      int* dq_progress, float* dk, float* dv, int64_t BH, int Nq, int Nk,
                      float softmax_scale, bool causal, bool deterministic, Kernel kernel,
-                     cudaStream_t stream) {
+                     cudaStream_t stream, bool reversed_start = false) {
     if (BH == 0 || Nk == 0) return cudaSuccess;
     const int64_t Tr = cdiv(Nq, Br);
     const int Tc = kernel == Kernel::fast ? cdiv(Nk, fast::Bc) : cdiv(Nk, Bc);
@@ -1181,17 +1226,18 @@ cudaError_t backward(const float* dout, const float* q, const float* k, const fl
             q, k, v, dout, L, D, dq, dq_partial, dk, dv, BH, Nq, Nk, slots, softmax_scale, causal,
             deterministic);
     } else {
-        cudaError_t err = cudaFuncSetAttribute(fast::backward_kernel,
-                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
+        const auto backward_kernel = deterministic ? fast::backward_kernel<true> : fast::backward_kernel<false>;
+        cudaError_t err = cudaFuncSetAttribute(backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                (int)FAST_BACKWARD_SMEM);
         if (err != cudaSuccess) return err;
         if (deterministic) {
             err = cudaMemsetAsync(dq_progress, 0, dq_progress_ints(BH, Nk, kernel) * sizeof(int), stream);
             if (err != cudaSuccess) return err;
         }
-        fast::backward_kernel<<<(unsigned)(BH * slots), fast::THREADS, FAST_BACKWARD_SMEM, stream>>>(
-            q, k, v, dout, L, D, dq, dq_partial, dq_progress, dk, dv, BH, Nq, Nk, P, softmax_scale,
-            causal, deterministic);
+        int* dq_taken = deterministic ? dq_progress + BH * Tc * fast::WARPS : nullptr;
+        backward_kernel<<<(unsigned)(BH * slots), fast::THREADS, FAST_BACKWARD_SMEM, stream>>>(
+            q, k, v, dout, L, D, dq, dq_partial, dq_progress, dq_taken, dk, dv, BH, Nq, Nk, P,
+            softmax_scale, causal, reversed_start);
     }
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess || !deterministic || Nq == 0 || P == 1) return err;  // P = 1: dq is the buffer
@@ -1258,7 +1304,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
 std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                                  const at::Tensor& v, const at::Tensor& o, const at::Tensor& L,
                                  bool causal, double softmax_scale, bool deterministic,
-                                 const std::string& kernel) {
+                                 const std::string& kernel, bool reversed_start) {
     check_tensor(dout, "dout", 4);
     check_tensor(q, "q", 4);
     check_tensor(k, "k", 4);
@@ -1287,7 +1333,7 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q, co
         deterministic ? dq_partial.data_ptr<float>() : nullptr,
         deterministic ? dq_progress.data_ptr<int>() : nullptr, dk.data_ptr<float>(),
         dv.data_ptr<float>(), BH, Nq, Nk, (float)softmax_scale, causal, deterministic, which,
-        at::cuda::getCurrentCUDAStream()));
+        at::cuda::getCurrentCUDAStream(), reversed_start));
     return {dq, dk, dv};
 }
 
@@ -1297,7 +1343,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "CUDA kernels of flash_attention.py (see flash_attention.cu)";
     m.def("forward", &forward, "O, L = forward(q, k, v, causal, softmax_scale, kernel)");
     m.def("backward", &backward,
-          "dq, dk, dv = backward(dout, q, k, v, out, L, causal, softmax_scale, deterministic, kernel)");
+          "dq, dk, dv = backward(dout, q, k, v, out, L, causal, softmax_scale, deterministic, kernel, "
+          "reversed_start=False); reversed_start (tests only): the fast deterministic backward's "
+          "blocks take their tiles as if the GPU started them in reverse order",
+          py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("L"),
+          py::arg("causal"), py::arg("softmax_scale"), py::arg("deterministic"), py::arg("kernel"),
+          py::arg("reversed_start") = false);
     m.def("dq_partials", [](int Nk, const std::string& kernel, bool causal) {
         return flash::dq_partials(Nk, kernel_named(kernel), causal);
     }, "P, the number of dQ partial buffers of the deterministic backward");

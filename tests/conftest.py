@@ -1,4 +1,4 @@
-"""Shared helpers: float64 attention (the ground truth), random inputs, the GPU skip mark."""
+"""Shared helpers: float64 attention (the ground truth), random inputs, the GPU skip mark, a few SMs."""
 
 import math
 
@@ -49,3 +49,32 @@ def flash_grads(q, k, v, dout, **kwargs):
     out = flash_attention(q, k, v, **kwargs)
     out.backward(dout)
     return out, q.grad, k.grad, v.grad
+
+
+def on_sms(num_sms, fn):
+    """fn() run on num_sms multiprocessors (a green context), on this thread; skips the test where
+    this PyTorch or GPU has no green contexts. Autograd's worker thread would not run inside the
+    context: fn should call the ops directly."""
+    green = getattr(torch.cuda, "green_contexts", None)
+    if green is None:
+        pytest.skip("needs torch.cuda.green_contexts (PyTorch >= 2.9)")
+    try:
+        context = green.GreenContext.create(num_sms=num_sms, device_id=torch.cuda.current_device())
+    except RuntimeError as e:  # e.g. a driver or GPU without green contexts
+        pytest.skip(f"green contexts are not available here: {e}")
+    torch.cuda.synchronize()
+    if hasattr(context, "Stream"):
+        stream = context.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            result = fn()
+        torch.cuda.current_stream().wait_stream(stream)
+    else:
+        context.set_context()
+        try:
+            result = fn()
+            torch.cuda.synchronize()
+        finally:
+            context.pop_context()
+    torch.cuda.synchronize()
+    return result

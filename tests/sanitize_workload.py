@@ -2,8 +2,10 @@
 causal and not, Nq != Nk, and more key tiles than dQ partial buffers (Nk = 1100: the fast
 deterministic backward's blocks wait for each other; Nk = 1000, causal: one chain of 16 key
 tiles into dQ itself; B = H = 4 with Nk = 4000: 1008 fast blocks, several waves on any GPU,
-whose chains of 4 partial buffers cross from one wave to the next). Run by tests/sanitize.sh;
-checks its own results against float64."""
+whose chains of 4 partial buffers cross from one wave to the next). Then the fast
+deterministic backward with its blocks taking their tiles as if the GPU started them in reverse
+order, so that blocks take and compute whole chains of tiles. Run by tests/sanitize.sh; checks
+its own results against float64."""
 
 import sys
 from pathlib import Path
@@ -28,5 +30,15 @@ for kernel in fa.KERNELS:
                 ref, dq, dk, dv = float64_grads(q, k, v, dout, causal)
                 errors = [max_err(out, ref), max_err(q.grad, dq), max_err(k.grad, dk), max_err(v.grad, dv)]
                 assert max(errors) <= 5e-5, (kernel, deterministic, causal, B, H, Nq, Nk, errors)
+ext = fa._extension()
+for causal in (False, True):
+    for B, H, Nq, Nk in [(2, 2, 130, 1000), (4, 4, 70, 4000)]:
+        q, k, v = random_qkv(B, H, Nq, Nk, device="cuda", seed=Nq + Nk)
+        dout = torch.randn(B, H, Nq, 64, device="cuda")
+        out, L = ext.forward(q, k, v, causal, 0.125, "fast")
+        grads = ext.backward(dout, q, k, v, out, L, causal, 0.125, True, "fast", reversed_start=True)
+        ref = float64_grads(q, k, v, dout, causal, 0.125)
+        errors = [max_err(x, r) for x, r in zip((out, *grads), ref)]
+        assert max(errors) <= 5e-5, ("reversed start", causal, B, H, Nq, Nk, errors)
 torch.cuda.synchronize()
 print("sanitize_workload: all results correct")

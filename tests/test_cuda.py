@@ -6,13 +6,15 @@ Every test here needs a CUDA GPU and is skipped, with that reason, where there i
 import hashlib
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import flash_attention as fa
-from conftest import flash_grads, float64_grads, max_err, random_qkv, requires_cuda
+from conftest import flash_grads, float64_grads, max_err, on_sms, random_qkv, requires_cuda
 from flash_attention import FlashAttention, flash_attention
 
 pytestmark = requires_cuda
@@ -154,17 +156,6 @@ def test_deterministic_outputs_are_those_of_the_pinned_kernels(case):
     assert dict(zip(("O", "dQ", "dK", "dV"), got)) == dict(zip(("O", "dQ", "dK", "dV"), expected))
 
 
-def _green_context(num_sms):
-    """A green context of num_sms multiprocessors, or a skip where this PyTorch or GPU has none."""
-    green = getattr(torch.cuda, "green_contexts", None)
-    if green is None:
-        pytest.skip("needs torch.cuda.green_contexts (PyTorch >= 2.9)")
-    try:
-        return green.GreenContext.create(num_sms=num_sms, device_id=torch.cuda.current_device())
-    except RuntimeError as e:  # e.g. a driver or GPU without green contexts
-        pytest.skip(f"green contexts are not available here: {e}")
-
-
 @pytest.mark.parametrize("kernel", fa.KERNELS)
 @pytest.mark.parametrize("causal", [False, True])
 def test_deterministic_backward_on_a_few_sms_equals_the_whole_gpu(causal, kernel):
@@ -181,24 +172,29 @@ def test_deterministic_backward_on_a_few_sms_equals_the_whole_gpu(causal, kernel
         return (O, *backward(dout, q, k, v, O, L, causal, 0.125, True, kernel))
 
     whole = run()
-    torch.cuda.synchronize()
-    context = _green_context(16)
-    if hasattr(context, "Stream"):
-        stream = context.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            few = run()
-        torch.cuda.current_stream().wait_stream(stream)
-    else:
-        context.set_context()
-        try:
-            few = run()
-            torch.cuda.synchronize()
-        finally:
-            context.pop_context()
-    torch.cuda.synchronize()
+    few = on_sms(16, run)
     for name, a, b in zip(("O", "dQ", "dK", "dV"), whole, few):
         assert torch.equal(a, b), name
+
+
+# The fast deterministic backward in a process of its own (tests/start_order.py), with its
+# blocks taking their tiles as if the GPU started them in reverse order: a block that could
+# wait for one that has not started would hang, and fail here by the timeout. Each row:
+# causal, N, SMs (0: the whole GPU). At B = 4, H = 8, N = 4096 there are 2048 blocks, about 8
+# waves of an H200; on 16 SMs, 32 blocks run at once.
+START_ORDER = [(False, 4096, 0), (True, 4096, 0), (False, 2040, 16), (True, 1024, 16)]
+
+
+@pytest.mark.parametrize("causal,N,num_sms", START_ORDER)
+def test_fast_deterministic_backward_does_not_depend_on_the_order_blocks_start(causal, N, num_sms):
+    command = [sys.executable, str(Path(__file__).with_name("start_order.py")), str(int(causal)), str(N), str(num_sms)]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the backward did not finish in 300 s: a block waits for one that has not started")
+    if result.stdout.startswith("skip: "):
+        pytest.skip(result.stdout[len("skip: "):].strip())
+    assert result.returncode == 0 and result.stdout.strip() == "equal", result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("kernel", fa.KERNELS)
