@@ -2,43 +2,31 @@
 // flash_attention.cu: FP32 FlashAttention for head_dim 64, forward and backward.
 //
 // What it implements
-//   FlashAttention-2 (Dao, 2023, https://arxiv.org/abs/2307.08691), which
-//   refines FlashAttention (Dao et al., 2022, https://arxiv.org/abs/2205.14135);
-//   "Alg. 1 line 8" and "Alg. 2 line 15" cite the lines of its two algorithms.
-//   Forward:  Algorithm 1: the outer loop runs over query tiles (one thread block
-//             each), the inner loop over key/value tiles, with the online softmax.
-//   Backward: Algorithm 2: one thread block per key/value tile walks the query
-//             tiles, builds dK_j and dV_j in registers (no atomics) and adds its
-//             share of dQ_i.
+//   FlashAttention-2 (Dao, 2023, https://arxiv.org/abs/2307.08691), which refines
+//   FlashAttention (Dao et al., 2022, https://arxiv.org/abs/2205.14135). Its Algorithm 1 is
+//   the forward and its Algorithm 2 the backward; "Alg. 1 line 8" cites line 8 of the first.
+//   Forward:  one thread block per query tile Q_i walks the key/value tiles K_j, V_j with
+//             the online softmax, and saves the logsumexp L_i for the backward.
+//   Backward: one thread block per key/value tile walks the query tiles, builds dK_j and
+//             dV_j in registers (no atomics) and adds its share of each dQ_i.
 //
-// Kernels
-//   The "tutorial" kernels (kernel="tutorial"): 16x16 tiles, 256 threads, plain FP32 FMAs;
-//   each block of code names the line of Algorithm 1 or 2 it implements.
-//     flash_forward_kernel       Alg. 1: O = softmax(scale * Q K^T) V, and L = rowwise logsumexp
-//     flash_backward_preprocess  D = rowsum(dO * O), one value per query row
-//     flash_backward_kernel      Alg. 2: dK, dV per key tile; dQ by atomicAdd (default) or,
-//                                deterministic, into per-block partial buffers
-//     dq_partials_sum_kernel     deterministic mode: dQ = sum of the partial buffers, in order
-//   The fast kernels (namespace fast, kernel="fast", the default): the same algorithm, the
-//   same loop order and the same determinism, on 64x64 tiles with the tensor cores in
-//   FP32 accuracy (3xTF32); their section explains each step that makes them fast.
-//     fast::forward_kernel, fast::backward_kernel, with the same preprocess and sum kernels.
+// A book in parts: read them in order, and stop after any of them.
+//   Part I   The algorithm (kernel="tutorial"): 16 x 16 tiles and plain FP32 FMAs; every
+//            block of code names the line of Algorithm 1 or 2 it implements. Complete on
+//            its own: forward, the D preprocess, backward in both modes, the dQ sum.
+//   Part II  Tensor cores (kernel="fast", the default): the same algorithm and loop order
+//            on 64 x 64 tiles, with mma.sync in FP32 accuracy (3xTF32); it reuses Part I's
+//            D preprocess and dQ sum.
+//   Then     the dispatch between the parts, and the PyTorch binding.
 //
 // Determinism
-//   The forward is always deterministic: one block owns a query tile and walks the key
-//   tiles j = 0, 1, ... in order. The default backward adds dQ_i with atomicAdd, so the
-//   order of the additions (and the last bits of dQ) changes from run to run. The
-//   deterministic backward writes the dQ contributions of key tile j into partial buffer
-//   j mod P, P = min(Tc, DQ_PARTIALS): tile p stores, then tiles p + P, p + 2P, ... add,
-//   in that order. Buffer 0 is dQ itself. The tutorial kernels get that order by giving
-//   buffer p one block, which walks those key tiles in turn; the fast kernels keep one
-//   block per key tile and make block j wait, per query tile, until block j - P has
-//   written it. A last kernel adds buffers 1, 2, ..., P-1 to buffer 0, in that order. P
-//   depends only on Nk, the tile size and (fast kernels) causal, so the result depends
-//   neither on B, H nor on the GPU. With P = 1, dQ is the only buffer: nothing to sum.
-//   Extra memory: (P - 1) * B * H * Nq * 64 floats, P = min(ceil(Nk / 16), 16) for the
-//   tutorial kernels and min(ceil(Nk / 64), 4) for the fast ones (plus 4 ints per fast
-//   block); none for the fast causal backward up to Nk = 1024 (P = 1).
+//   The forward is deterministic: a block walks its key tiles in order. The default
+//   backward adds the shares of dQ_i with atomicAdd, so the order of the additions, and
+//   the last bits of dQ, change from run to run. The deterministic backward adds the
+//   shares of key tile j into partial buffer j mod P, in the order of j, and a last
+//   kernel adds buffers 1, 2, ..., P - 1 to buffer 0 (dQ itself), in that order. P
+//   depends only on Nk, causal and the part, so the result depends neither on B, H nor
+//   on the GPU. Each part says how it keeps the order within a buffer.
 //
 // Build and test
 //   ./install.sh && ./test_installation.sh     (the Python extension, then every test)
@@ -54,36 +42,30 @@
 
 #include <algorithm>
 
+// =============================================================================
+// Part I. The algorithm: 16 x 16 tiles (kernel="tutorial")
+// =============================================================================
+// A tile is 16 rows of 64 floats; a block of 256 threads gives each tile row to 16
+// threads (a half-warp), each owning 4 of its columns. Every product is a loop of FP32
+// FMAs over shared memory. USAGE.md sections 1-4 walk through the same lines.
+
 namespace flash {
 
-// -----------------------------------------------------------------------------
-// Constants
-// -----------------------------------------------------------------------------
-
-constexpr int d = 64;             // head dimension
-constexpr int Br = 16;            // query rows in a tile (Q_i, O_i, dQ_i, L_i, D_i)
-constexpr int Bc = 16;            // key/value rows in a tile (K_j, V_j, dK_j, dV_j)
-constexpr int THREADS = 256;      // one thread per (tile row, group of 4 columns)
-constexpr int LANES_PER_ROW = 16; // the 16 lanes of a half-warp share one tile row
-constexpr int SMEM_STRIDE = d + 4;  // padded row: float4 reads of 16 different rows hit 32 banks
-constexpr int DQ_PARTIALS = 16;   // most dQ partial buffers in the deterministic backward
-
-static_assert(d == 4 * LANES_PER_ROW, "each of a row's 16 threads owns 4 consecutive columns");
-static_assert(Br * LANES_PER_ROW == THREADS && Bc * LANES_PER_ROW == THREADS,
-              "a tile of 16 rows x 64 columns is one float4 per thread");
-static_assert(Bc == LANES_PER_ROW, "thread (row r, lane c) computes the score S[r][c]");
-static_assert(SMEM_STRIDE % 4 == 0, "rows of a shared tile must stay 16-byte aligned");
+constexpr int d = 64;  // head dimension, in every part
 
 __host__ __device__ constexpr int cdiv(int a, int b) { return (a + b - 1) / b; }
 
-// -----------------------------------------------------------------------------
-// Device helpers
-// -----------------------------------------------------------------------------
-
-// Drop the 128-byte line at p (128-byte aligned) from L2 without writing it back: its data
-// becomes undefined. For buffers that are dead.
-__device__ __forceinline__ void discard_l2_line(const void* p) {
-    asm volatile("discard.global.L2 [%0], 128;\n" :: "l"(p) : "memory");
+// Key `col` is hidden from query `row` past the end of the keys, and above the diagonal
+// when causal (top-left aligned, as scaled_dot_product_attention(is_causal=True)).
+// The kernels skip the products of a pair above the diagonal rather than multiply by its zero
+// probability: 0 * NaN is NaN, and a NaN in a hidden key (or query) must not reach the
+// queries (or keys) it is hidden from. Rows past Nq or Nk need no such care: their tiles
+// are filled with zeros.
+__device__ __forceinline__ bool above_diagonal(int row, int col, bool causal) {
+    return causal && col > row;
+}
+__device__ __forceinline__ bool masked(int row, int col, int Nk, bool causal) {
+    return col >= Nk || above_diagonal(row, col, causal);
 }
 
 // Where a backward block writes its dQ shares for head bh: partial buffer p of the
@@ -94,6 +76,21 @@ __device__ __forceinline__ float* dq_buffer(float* dQ, float* dQ_partial, int p,
     return p == 0 ? dQ + bh * Nq * d : dQ_partial + ((p - 1) * BH + bh) * Nq * d;
 }
 
+namespace tutorial {
+
+constexpr int Br = 16;            // query rows in a tile (Q_i, O_i, dQ_i, L_i, D_i)
+constexpr int Bc = 16;            // key/value rows in a tile (K_j, V_j, dK_j, dV_j)
+constexpr int THREADS = 256;      // one thread per (tile row, group of 4 columns)
+constexpr int LANES_PER_ROW = 16; // the 16 lanes of a half-warp share one tile row
+constexpr int STRIDE = d + 4;     // padded row: float4 reads of 16 different rows hit 32 banks
+constexpr int DQ_PARTIALS = 16;   // most dQ partial buffers in the deterministic backward
+
+static_assert(d == 4 * LANES_PER_ROW, "each of a row's 16 threads owns 4 consecutive columns");
+static_assert(Br * LANES_PER_ROW == THREADS && Bc * LANES_PER_ROW == THREADS,
+              "a tile of 16 rows x 64 columns is one float4 per thread");
+static_assert(Bc == LANES_PER_ROW, "thread (row r, lane c) computes the score S[r][c]");
+static_assert(STRIDE % 4 == 0, "rows of a shared tile must stay 16-byte aligned");
+
 // Thread t works on tile row t / 16 and on lane t % 16 of that row: the score S[row][lane]
 // and the four columns 4 * lane .. 4 * lane + 3 of the row's output.
 __device__ __forceinline__ int tile_row() { return threadIdx.x / LANES_PER_ROW; }
@@ -101,7 +98,7 @@ __device__ __forceinline__ int tile_lane() { return threadIdx.x % LANES_PER_ROW;
 
 // Copy rows row0 .. row0 + 15 of an (N, d) row-major matrix into a shared tile.
 // Rows past the end of the matrix (the last, partial tile) are filled with zeros.
-__device__ __forceinline__ void load_tile(float (*tile)[SMEM_STRIDE], const float* src,
+__device__ __forceinline__ void load_tile(float (*tile)[STRIDE], const float* src,
                                           int row0, int N) {
     const int r = tile_row(), c = 4 * tile_lane();
     float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -146,30 +143,17 @@ __device__ __forceinline__ void fma4(float4& acc, float a, const float4& x) {
     acc.w = fmaf(a, x.w, acc.w);
 }
 
-// Key `col` is hidden from query `row` past the end of the keys, and above the diagonal
-// when causal (top-left aligned, as scaled_dot_product_attention(is_causal=True)).
-// The kernels skip the products of a pair above the diagonal rather than multiply by its zero
-// probability: 0 * NaN is NaN, and a NaN in a hidden key (or query) must not reach the
-// queries (or keys) it is hidden from. Rows past Nq or Nk need no such care: their tiles
-// are filled with zeros.
-__device__ __forceinline__ bool above_diagonal(int row, int col, bool causal) {
-    return causal && col > row;
-}
-__device__ __forceinline__ bool masked(int row, int col, int Nk, bool causal) {
-    return col >= Nk || above_diagonal(row, col, causal);
-}
-
 // -----------------------------------------------------------------------------
 // Forward: Algorithm 1 (FlashAttention-2 loop order)
 // -----------------------------------------------------------------------------
 // One block per (batch * head, query tile i); grid = B * H * Tr blocks.
 //   Alg. 1 lines 1-2 (split Q, O, L into Tr tiles, K and V into Tc tiles): the indexing below.
 //   line 3  (for 1 <= i <= Tr)          : the grid: one block per query tile
-//   line 4  (load Q_i)                  : load_tile(Qi, ...) before the loop
+//   line 4  (load Q_i)                  : load_tile(Q_i, ...) before the loop
 //   line 5  (O_i = 0, l_i = 0, m_i = -inf): acc, l_i, m_i in registers
 //   line 6  (for 1 <= j <= Tc)          : the j loop; causal stops at the last tile on or
 //                                         below the diagonal
-//   line 7  (load K_j, V_j)             : load_tile(Kj / Vj, ...)
+//   line 7  (load K_j, V_j)             : load_tile(K_j / V_j, ...)
 //   line 8  (S_ij = Q_i K_j^T)          : dot_row, times softmax_scale; thread (r, c)
 //                                         computes S_ij[r][c]
 //   line 9  (m_i, P~_ij, l_i)           : row_max, expf, row_sum over the row's 16 lanes;
@@ -178,15 +162,15 @@ __device__ __forceinline__ bool masked(int row, int col, int Nk, bool causal) {
 //   lines 12-15 (O_i /= l_i, L_i = m_i + log(l_i), write O_i, L_i): after the loop; L_i
 //                                         is the logsumexp the backward uses.
 __global__ void __launch_bounds__(THREADS)
-flash_forward_kernel(const float* __restrict__ Q,  // (B, H, Nq, d)
-                     const float* __restrict__ K,  // (B, H, Nk, d)
-                     const float* __restrict__ V,  // (B, H, Nk, d)
-                     float* __restrict__ O,        // (B, H, Nq, d)
-                     float* __restrict__ L,        // (B, H, Nq)
-                     int Nq, int Nk, float softmax_scale, bool causal) {
-    __shared__ __align__(16) float Qi[Br][SMEM_STRIDE];
-    __shared__ __align__(16) float Kj[Bc][SMEM_STRIDE];
-    __shared__ __align__(16) float Vj[Bc][SMEM_STRIDE];
+forward_kernel(const float* __restrict__ Q,  // (B, H, Nq, d)
+               const float* __restrict__ K,  // (B, H, Nk, d)
+               const float* __restrict__ V,  // (B, H, Nk, d)
+               float* __restrict__ O,        // (B, H, Nq, d)
+               float* __restrict__ L,        // (B, H, Nq)
+               int Nq, int Nk, float softmax_scale, bool causal) {
+    __shared__ __align__(16) float Q_i[Br][STRIDE];
+    __shared__ __align__(16) float K_j[Bc][STRIDE];
+    __shared__ __align__(16) float V_j[Bc][STRIDE];
 
     const int Tr = cdiv(Nq, Br), Tc = cdiv(Nk, Bc);
     const int i = blockIdx.x % Tr;          // query tile
@@ -200,7 +184,7 @@ flash_forward_kernel(const float* __restrict__ Q,  // (B, H, Nq, d)
     const int r = tile_row(), c = tile_lane();
     const int row = i * Br + r;             // the query row of this thread
 
-    load_tile(Qi, Q, i * Br, Nq);           // Alg. 1 line 4
+    load_tile(Q_i, Q, i * Br, Nq);          // Alg. 1 line 4
 
     float m_i = -INFINITY;                  // running row max     (line 5: m_i = -inf)
     float l_i = 0.f;                        // running row sum     (line 5: l_i = 0)
@@ -209,13 +193,13 @@ flash_forward_kernel(const float* __restrict__ Q,  // (B, H, Nq, d)
     const int last_row = min((i + 1) * Br, Nq) - 1;
     const int Tc_end = causal ? min(Tc, last_row / Bc + 1) : Tc;
     for (int j = 0; j < Tc_end; ++j) {      // Alg. 1 line 6
-        load_tile(Kj, K, j * Bc, Nk);       // line 7
-        load_tile(Vj, V, j * Bc, Nk);
+        load_tile(K_j, K, j * Bc, Nk);      // line 7
+        load_tile(V_j, V, j * Bc, Nk);
         __syncthreads();                    // Q_i, K_j, V_j are in shared memory
 
         // line 8: S_ij[r][c] = scale * Q_i[r] . K_j[c]; hidden keys get -inf
         const int col = j * Bc + c;
-        float s = softmax_scale * dot_row(Qi[r], Kj[c]);
+        float s = softmax_scale * dot_row(Q_i[r], K_j[c]);
         if (masked(row, col, Nk, causal)) s = -INFINITY;
 
         // line 9: the online softmax. Tile 0 always holds key 0, which no row hides,
@@ -231,7 +215,7 @@ flash_forward_kernel(const float* __restrict__ Q,  // (B, H, Nq, d)
         for (int k = 0; k < Bc; ++k) {
             const float p_k = __shfl_sync(0xffffffffu, p, k, LANES_PER_ROW);  // P~_ij[r][k]
             if (!above_diagonal(row, j * Bc + k, causal))
-                fma4(acc, p_k, *reinterpret_cast<const float4*>(&Vj[k][4 * c]));
+                fma4(acc, p_k, *reinterpret_cast<const float4*>(&V_j[k][4 * c]));
         }
         m_i = m_new;
         __syncthreads();                    // every thread is done with K_j, V_j before the next load
@@ -251,10 +235,10 @@ flash_forward_kernel(const float* __restrict__ Q,  // (B, H, Nq, d)
 // -----------------------------------------------------------------------------
 // One block per (batch * head, query tile); each half-warp reduces one row.
 __global__ void __launch_bounds__(THREADS)
-flash_backward_preprocess(const float* __restrict__ dO,  // (B, H, Nq, d)
-                          const float* __restrict__ O,   // (B, H, Nq, d)
-                          float* __restrict__ D,         // (B, H, Nq)
-                          int Nq) {
+preprocess_kernel(const float* __restrict__ dO,  // (B, H, Nq, d)
+                  const float* __restrict__ O,   // (B, H, Nq, d)
+                  float* __restrict__ D,         // (B, H, Nq)
+                  int Nq) {
     const int Tr = cdiv(Nq, Br);
     const int i = blockIdx.x % Tr;
     const int64_t bh = blockIdx.x / Tr;
@@ -279,7 +263,7 @@ flash_backward_preprocess(const float* __restrict__ dO,  // (B, H, Nq, d)
 // slot + slots, ...: slots = Tc by default (one key tile per block), and
 // slots = P = min(Tc, DQ_PARTIALS) in the deterministic mode.
 //   Alg. 2 lines 1-3 (split into tiles; dQ = 0)   : the indexing; dQ zeroed by the caller
-//   line 4  (D = rowsum(dO * O))              : flash_backward_preprocess, before this kernel
+//   line 4  (D = rowsum(dO * O))              : preprocess_kernel, before this kernel
 //   line 5  (for 1 <= j <= Tc)                : the j loop; load K_j, V_j (line 6)
 //   line 7  (dK_j = 0, dV_j = 0)              : dK_acc, dV_acc in registers
 //   line 8  (for 1 <= i <= Tr)                : the i loop; causal starts at the first
@@ -298,25 +282,25 @@ flash_backward_preprocess(const float* __restrict__ dO,  // (B, H, Nq, d)
 // Thread (r, c) owns, besides S_ij[r][c], the columns 4c .. 4c+3 of row r of dK_j and dV_j
 // (key j * Bc + r) and of row r of dQ_i (query i * Br + r).
 __global__ void __launch_bounds__(THREADS)
-flash_backward_kernel(const float* __restrict__ Q,   // (B, H, Nq, d)
-                      const float* __restrict__ K,   // (B, H, Nk, d)
-                      const float* __restrict__ V,   // (B, H, Nk, d)
-                      const float* __restrict__ dO,  // (B, H, Nq, d)
-                      const float* __restrict__ L,   // (B, H, Nq)
-                      const float* __restrict__ D,   // (B, H, Nq)
-                      float* __restrict__ dQ,        // (B, H, Nq, d), zeroed (default mode)
-                      float* __restrict__ dQ_partial,// (P - 1, B, H, Nq, d): buffers 1 .. P-1
-                      float* __restrict__ dK,        // (B, H, Nk, d)
-                      float* __restrict__ dV,        // (B, H, Nk, d)
-                      int64_t BH, int Nq, int Nk, int slots, float softmax_scale, bool causal,
-                      bool deterministic) {
-    __shared__ __align__(16) float Qi[Br][SMEM_STRIDE];
-    __shared__ __align__(16) float dOi[Br][SMEM_STRIDE];
-    __shared__ __align__(16) float Kj[Bc][SMEM_STRIDE];
-    __shared__ __align__(16) float Vj[Bc][SMEM_STRIDE];
-    __shared__ float Pij[Br][Bc];    // row r written by one half-warp: no bank conflicts
-    __shared__ float dSij[Br][Bc];
-    __shared__ float Li[Br], Di[Br];
+backward_kernel(const float* __restrict__ Q,   // (B, H, Nq, d)
+                const float* __restrict__ K,   // (B, H, Nk, d)
+                const float* __restrict__ V,   // (B, H, Nk, d)
+                const float* __restrict__ dO,  // (B, H, Nq, d)
+                const float* __restrict__ L,   // (B, H, Nq)
+                const float* __restrict__ D,   // (B, H, Nq)
+                float* __restrict__ dQ,        // (B, H, Nq, d), zeroed (default mode)
+                float* __restrict__ dQ_partial,// (P - 1, B, H, Nq, d): buffers 1 .. P-1
+                float* __restrict__ dK,        // (B, H, Nk, d)
+                float* __restrict__ dV,        // (B, H, Nk, d)
+                int64_t BH, int Nq, int Nk, int slots, float softmax_scale, bool causal,
+                bool deterministic) {
+    __shared__ __align__(16) float Q_i[Br][STRIDE];
+    __shared__ __align__(16) float dO_i[Br][STRIDE];
+    __shared__ __align__(16) float K_j[Bc][STRIDE];
+    __shared__ __align__(16) float V_j[Bc][STRIDE];
+    __shared__ float P_ij[Br][Bc];   // row r written by one half-warp: no bank conflicts
+    __shared__ float dS_ij[Br][Bc];
+    __shared__ float L_i[Br], D_i[Br];
 
     const int Tr = cdiv(Nq, Br), Tc = cdiv(Nk, Bc);
     const int slot = blockIdx.x % slots;
@@ -335,20 +319,20 @@ flash_backward_kernel(const float* __restrict__ Q,   // (B, H, Nq, d)
     const int r = tile_row(), c = tile_lane();
 
     for (int j = slot; j < Tc; j += slots) {          // Alg. 2 line 5
-        load_tile(Kj, K, j * Bc, Nk);                 // line 6
-        load_tile(Vj, V, j * Bc, Nk);
+        load_tile(K_j, K, j * Bc, Nk);                // line 6
+        load_tile(V_j, V, j * Bc, Nk);
         float4 dK_acc = make_float4(0.f, 0.f, 0.f, 0.f);  // line 7
         float4 dV_acc = make_float4(0.f, 0.f, 0.f, 0.f);
 
         const int col = j * Bc + c;                   // the key of S_ij[r][c]
         const int i_start = causal ? (j * Bc) / Br : 0;
         for (int i = i_start; i < Tr; ++i) {          // line 8
-            load_tile(Qi, Q, i * Br, Nq);             // line 9
-            load_tile(dOi, dO, i * Br, Nq);
+            load_tile(Q_i, Q, i * Br, Nq);            // line 9
+            load_tile(dO_i, dO, i * Br, Nq);
             if (threadIdx.x < Br) {
                 const int q_row = i * Br + threadIdx.x;
-                Li[threadIdx.x] = q_row < Nq ? L[q_row] : 0.f;
-                Di[threadIdx.x] = q_row < Nq ? D[q_row] : 0.f;
+                L_i[threadIdx.x] = q_row < Nq ? L[q_row] : 0.f;
+                D_i[threadIdx.x] = q_row < Nq ? D[q_row] : 0.f;
             }
             __syncthreads();                          // Q_i, dO_i, L_i, D_i (and K_j, V_j) loaded
 
@@ -356,11 +340,11 @@ flash_backward_kernel(const float* __restrict__ Q,   // (B, H, Nq, d)
             // would carry a NaN of a hidden key into the gradients of the queries it is hidden from.
             const int row = i * Br + r;
             const bool hidden = row >= Nq || masked(row, col, Nk, causal);
-            const float s = softmax_scale * dot_row(Qi[r], Kj[c]);                  // line 10
-            const float p = hidden ? 0.f : expf(s - Li[r]);                         // line 11
-            const float dp = dot_row(dOi[r], Vj[c]);                                // line 13
-            Pij[r][c] = p;
-            dSij[r][c] = hidden ? 0.f : p * (dp - Di[r]);                           // line 14
+            const float s = softmax_scale * dot_row(Q_i[r], K_j[c]);                // line 10
+            const float p = hidden ? 0.f : expf(s - L_i[r]);                        // line 11
+            const float dp = dot_row(dO_i[r], V_j[c]);                              // line 13
+            P_ij[r][c] = p;
+            dS_ij[r][c] = hidden ? 0.f : p * (dp - D_i[r]);                         // line 14
             __syncthreads();                          // P_ij and dS_ij are complete
 
             // line 12: dV_j[r] += sum_k P_ij[k][r] * dO_i[k]
@@ -368,8 +352,8 @@ flash_backward_kernel(const float* __restrict__ Q,   // (B, H, Nq, d)
 #pragma unroll
             for (int k = 0; k < Br; ++k) {
                 if (!above_diagonal(i * Br + k, j * Bc + r, causal)) {
-                    fma4(dV_acc, Pij[k][r], *reinterpret_cast<const float4*>(&dOi[k][4 * c]));
-                    fma4(dK_acc, dSij[k][r], *reinterpret_cast<const float4*>(&Qi[k][4 * c]));
+                    fma4(dV_acc, P_ij[k][r], *reinterpret_cast<const float4*>(&dO_i[k][4 * c]));
+                    fma4(dK_acc, dS_ij[k][r], *reinterpret_cast<const float4*>(&Q_i[k][4 * c]));
                 }
             }
 
@@ -378,7 +362,7 @@ flash_backward_kernel(const float* __restrict__ Q,   // (B, H, Nq, d)
 #pragma unroll
             for (int k = 0; k < Bc; ++k)
                 if (!above_diagonal(row, j * Bc + k, causal))
-                    fma4(dq, dSij[r][k], *reinterpret_cast<const float4*>(&Kj[k][4 * c]));
+                    fma4(dq, dS_ij[r][k], *reinterpret_cast<const float4*>(&K_j[k][4 * c]));
             if (row < Nq) {
                 float* out = dQ_out + (int64_t)row * d + 4 * c;
                 if (deterministic) {
@@ -409,6 +393,12 @@ flash_backward_kernel(const float* __restrict__ Q,   // (B, H, Nq, d)
     }
 }
 
+// Drop the 128-byte line at p (128-byte aligned) from L2 without writing it back: its data
+// becomes undefined. For buffers that are dead.
+__device__ __forceinline__ void discard_l2_line(const void* p) {
+    asm volatile("discard.global.L2 [%0], 128;\n" :: "l"(p) : "memory");
+}
+
 // Deterministic mode: dQ = buffer 0 + buffer 1 + ... + buffer P-1, in that order; buffer 0 is
 // dQ itself, buffers 1 .. P-1 are dQ_partial[0 .. P-2].
 // Block p's first key tile is j = p, and in that round it stores its share of every query tile
@@ -420,9 +410,9 @@ flash_backward_kernel(const float* __restrict__ Q,   // (B, H, Nq, d)
 // drops a 128-byte line without writing it back: the first of the 8 threads that read a line
 // (float4 each, all of one row) discards it once all 8 are done. About 2% of the
 // deterministic backward at N = 1024 (benchmarks/NOTES.md).
-__global__ void dq_partials_sum_kernel(const float4* __restrict__ dQ_partial,  // (P - 1, n4)
-                                       float4* __restrict__ dQ,                // (n4): buffer 0
-                                       int64_t n4, int P, int Nq, int tile_rows, bool causal) {
+__global__ void dq_sum_kernel(const float4* __restrict__ dQ_partial,  // (P - 1, n4)
+                              float4* __restrict__ dQ,                // (n4): buffer 0
+                              int64_t n4, int P, int Nq, int tile_rows, bool causal) {
     const int64_t stride = (int64_t)gridDim.x * blockDim.x;
     const bool whole_lines = reinterpret_cast<uintptr_t>(dQ_partial) % 128 == 0;  // n4 % 8 == 0
     // The loop runs over the block's first index, so that every lane of a warp takes each
@@ -445,12 +435,94 @@ __global__ void dq_partials_sum_kernel(const float4* __restrict__ dQ_partial,  /
     }
 }
 
+// -----------------------------------------------------------------------------
+// Launchers (plain CUDA: pointers in, error code out; every launch is checked)
+// -----------------------------------------------------------------------------
+// All tensors are contiguous, float32 and 16-byte aligned; BH = B * H.
+
+// How many dQ partial buffers the deterministic backward uses: P = min(Tc, DQ_PARTIALS).
+int dq_partials(int Nk) { return Nk == 0 ? 0 : std::min(cdiv(Nk, Bc), DQ_PARTIALS); }
+
+cudaError_t forward(const float* q, const float* k, const float* v, float* o, float* L,
+                    int64_t BH, int Nq, int Nk, float softmax_scale, bool causal, cudaStream_t stream) {
+    const int64_t blocks = BH * cdiv(Nq, Br);
+    if (blocks == 0) return cudaSuccess;
+    if (blocks > INT32_MAX) return cudaErrorInvalidConfiguration;
+    forward_kernel<<<(unsigned)blocks, THREADS, 0, stream>>>(q, k, v, o, L, Nq, Nk, softmax_scale, causal);
+    return cudaGetLastError();
+}
+
+// Alg. 2 line 4 for every part: D = rowsum(dO * O).
+cudaError_t backward_preprocess(const float* dout, const float* o, float* D, int64_t BH, int Nq,
+                                cudaStream_t stream) {
+    const int64_t blocks = BH * cdiv(Nq, Br);
+    if (blocks == 0) return cudaSuccess;
+    if (blocks > INT32_MAX) return cudaErrorInvalidConfiguration;
+    preprocess_kernel<<<(unsigned)blocks, THREADS, 0, stream>>>(dout, o, D, Nq);
+    return cudaGetLastError();
+}
+
+// The deterministic mode's last step, for every part: dq += buffers 1 .. P-1 of dq_partial,
+// in that order. tile_rows: the query rows of the part's tiles (causal: which buffers a
+// query row received).
+cudaError_t sum_dq_partials(const float* dq_partial, float* dq, int64_t BH, int Nq, int P,
+                            int tile_rows, bool causal, cudaStream_t stream) {
+    if (BH == 0 || Nq == 0 || P <= 1) return cudaSuccess;  // P = 1: dq is the only buffer
+    const int64_t n4 = BH * Nq * d / 4;
+    const unsigned blocks = (unsigned)std::min<int64_t>((n4 + THREADS - 1) / THREADS, 65536);
+    dq_sum_kernel<<<blocks, THREADS, 0, stream>>>(reinterpret_cast<const float4*>(dq_partial),
+                                                  reinterpret_cast<float4*>(dq), n4, P, Nq, tile_rows, causal);
+    return cudaGetLastError();
+}
+
+// Default mode: dq must be zeroed (the kernel adds into it). Deterministic mode: dq is
+// partial buffer 0, dq_partial holds buffers 1 .. P-1 ((P - 1) * BH * Nq * d floats,
+// P = dq_partials(Nk); unused when P = 1).
+cudaError_t backward(const float* dout, const float* q, const float* k, const float* v,
+                     const float* o, const float* L, float* D, float* dq, float* dq_partial,
+                     float* dk, float* dv, int64_t BH, int Nq, int Nk, float softmax_scale,
+                     bool causal, bool deterministic, cudaStream_t stream) {
+    if (BH == 0 || Nk == 0) return cudaSuccess;
+    const int P = dq_partials(Nk);
+    const int slots = deterministic ? P : cdiv(Nk, Bc);  // deterministic: a block per buffer
+    if (BH * slots > INT32_MAX) return cudaErrorInvalidConfiguration;
+    cudaError_t err = backward_preprocess(dout, o, D, BH, Nq, stream);
+    if (err != cudaSuccess) return err;
+    backward_kernel<<<(unsigned)(BH * slots), THREADS, 0, stream>>>(
+        q, k, v, dout, L, D, dq, dq_partial, dk, dv, BH, Nq, Nk, slots, softmax_scale, causal, deterministic);
+    err = cudaGetLastError();
+    if (err != cudaSuccess || !deterministic) return err;
+    return sum_dq_partials(dq_partial, dq, BH, Nq, P, Br, causal, stream);
+}
+
+}  // namespace tutorial
+
+// FlashAttention is complete here: Part I's kernels compute O and L, and dQ, dK, dV in
+// both modes, for any Nq, Nk, causal or not. Part II computes the same tiles with the
+// tensor cores, 64 x 64 at a time, about 5x faster.
+
 // =============================================================================
-// The fast kernels (kernel="fast", the default)
+// Part II. Tensor cores: 64 x 64 tiles (kernel="fast", the default)
 // =============================================================================
 // The same Algorithm 1 and 2, the same loop order and the same determinism contract as
-// the tutorial kernels above; what changes is how a tile product is computed.
+// Part I; what changes is how a tile product is computed, and how the blocks share the
+// work. The steps from Part I, with what each bought (H100, B = 2, H = 8, N = 4096,
+// non-causal, forward / backward ms; benchmarks/NOTES.md has the measurements):
+//   Part I: 16 x 16 tiles, FP32 FMAs with both operands from shared memory   6.97 / 16.1
+//   1. 64 x 64 tiles, a warp per 16 rows, products on the tensor cores
+//      (mma.sync, 3xTF32), tiles loaded by cp.async                         3.01 / 10.7
+//   2. staging: each tile's product summed from 0 and added with FP32 adds
+//      (errors 8x PyTorch's memory-efficient attention's, now the same)     2.98 / 10.9
+//   3. rows padded instead of swizzled, a 3-instruction split, edge and
+//      interior copies of the loop bodies, a single-buffered backward       1.35 / 3.15
+//   4. deterministic mode: one block per key tile, chained by counters
+//      (its overhead over the default mode: up to +18% before, +1-9% after)
+//   5. causal backward walks the query tiles downward; up to 1024 keys one
+//      chain into dQ itself (deterministic overhead +17% -> +6%, N = 1024)
+//   6. blocks take their key tiles by flags: no dependence on the order in
+//      which blocks start (deterministic mode, about +1%)
 //
+// How:
 //   * 64 x 64 tiles, one per block of 4 warps. Each warp owns 16 rows of the tile and
 //     computes its products with the tensor cores' mma.sync.m16n8k8 instruction: a
 //     16 x 8 block of C += A (16 x 8) B (8 x 8), 4 floats of C per lane.
@@ -468,7 +540,7 @@ __global__ void dq_partials_sum_kernel(const float4* __restrict__ dQ_partial,  /
 //     k-chunks; over keys (or queries), k = t and t + 4 are 2t and 2t + 1, which is
 //     where the accumulator fragment of S = QK^T keeps them: P feeds P V as it is.
 //   * The tiles that need masking (the causal diagonal, the last tiles past Nq or Nk)
-//     run a second copy of the loop body (`edge`); the others run one with no masks.
+//     run a second copy of each phase (`edge`); the others run one with no masks.
 //   * Causal: in the tile on the diagonal a warp skips the 8-column blocks that all its
 //     rows are hidden from. In the two blocks that the diagonal crosses, a hidden pair
 //     (P = 0) still meets the other operand inside one mma; a NaN or Inf there would
@@ -484,17 +556,14 @@ constexpr int THREADS = 32 * WARPS;
 constexpr int MMA_M = 16;         // rows of one warp's share of a tile
 constexpr int STRIDE = d + 4;     // floats from one row of a shared tile to the next
 constexpr int TILE = 64 * STRIDE; // floats in a shared tile (17 KB)
-// Most dQ partial buffers in the deterministic backward. Fewer buffers cost less memory and
-// less summing (the sum kernel reads P copies of dQ), and make each buffer's chain of key
-// tiles longer. Buffer 0 is dQ, so 4 buffers add 3 copies of dQ: the peak memory of forward
-// and backward stays within 1.25x that of PyTorch's memory-efficient attention, which
-// holds 1.5x our default mode's (benchmarks/NOTES.md). Causal, one buffer up to
-// SINGLE_CHAIN key tiles.
+// Most dQ partial buffers in the deterministic backward. Fewer buffers cost less memory
+// and less summing (the sum reads P copies of dQ), and make each buffer's chain of key
+// tiles longer. With 4 (3 copies of dQ besides dQ), forward and backward peak within
+// 1.25x the memory of PyTorch's memory-efficient attention.
 constexpr int DQ_PARTIALS = 4;
 // Causal, the deterministic backward with at most this many key tiles (1024 keys) chains
-// them all into dQ itself (P = 1, see the backward below). Longer, one chain measured +14%
-// to +21% over the default mode at B = 2, H = 8, N = 2048..8192, against +5% or less with
-// the 8 buffers used at the time (benchmarks/NOTES.md).
+// them all into dQ itself (P = 1: no buffer, no sum); longer, one chain would cost +14%
+// to +21% over the default mode.
 constexpr int SINGLE_CHAIN = 16;
 constexpr float LOG2E = 1.4426950408889634f;
 
@@ -703,6 +772,7 @@ __device__ __forceinline__ void store_transposed(float* tile, const float (&acc)
         for (int e = 0; e < 4; ++e) tile[at(8 * nb + 2 * t + e % 2, r0 + g + 8 * (e / 2))] = acc[nb][e];
 }
 
+
 // 2^x in one instruction (MUFU.EX2: relative error below 2^-22; results below 2^-126 flush
 // to 0, which a probability that small is anyway). exp2f adds a denormal range fix-up.
 __device__ __forceinline__ float exp2_approx(float x) {
@@ -710,6 +780,181 @@ __device__ __forceinline__ float exp2_approx(float x) {
     asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
     return y;
 }
+
+// The loops below run each phase in two copies: with Edge() for the tiles that need masks,
+// with Interior() for the others, which need none.
+struct Interior { static constexpr bool edge = false; };
+struct Edge { static constexpr bool edge = true; };
+
+// -----------------------------------------------------------------------------
+// Forward: Algorithm 1 (FlashAttention-2 loop order), 64 x 64 tiles
+// -----------------------------------------------------------------------------
+// One block per (query tile i, batch * head); the query tiles with the most work (causal:
+// the last ones) are launched first. Warp w owns query rows 64i + 16w .. 64i + 16w + 15.
+//   line 4  (load Q_i)                 : cp.async, with K_0 and V_0
+//   line 5  (O_i = 0, l_i = 0, m_i = -inf): O_i[8][4], l_i[2], m_i[2] in registers
+//   line 6  (for j)                    : the j loop; causal stops at the diagonal tile j = i
+//   line 7  (load K_j, V_j)            : cp.async into one of two stages; j + 1 loads during j
+//   line 8  (S_ij = Q_i K_j^T)         : scores(), times scale * log2(e): exp2 replaces exp
+//   line 9  (online softmax)           : online_softmax(): S_ij becomes P~_ij in place
+//   line 10 (O_i = alpha O_i + P V_j)  : add_pv(); P~_ij feeds the mma as it is (see above)
+//   lines 12-15 (O_i / l_i, L_i)       : after the loop, with 1/l_i applied to O_i once
+// In a warp, S_ij[8][4] and O_i[8][4] are its 16 rows in the accumulator layout (see
+// mma_tile); m_i[h] and l_i[h] belong to rows g and g + 8 (h = 0, 1), and l_i holds only
+// this lane's part of the row sum until the end adds the 4 lanes of a row.
+
+// line 8: S_ij = Q_i K_j^T (16 x 64 per warp) times scale * log2(e); hidden keys get -inf.
+// Column blocks from nb_end on are all hidden (causal diagonal) and skipped.
+template <bool edge>
+__device__ __forceinline__ void scores(float (&S_ij)[8][4], const float* Q_i, const float* K_j, int i, int j,
+                                       int nb_end, int Nk, bool causal, float scale_log2) {
+    const int r0 = MMA_M * (threadIdx.x / 32), g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+    mma_rows_tiles(S_ij, Q_i, r0, K_j, 0, nb_end);
+#pragma unroll
+    for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int row = i * Br + r0 + g + 8 * (e / 2), key = j * Bc + 8 * nb + 2 * t + e % 2;
+            S_ij[nb][e] = edge && masked(row, key, Nk, causal) ? -INFINITY : S_ij[nb][e] * scale_log2;
+        }
+}
+
+// line 9: the online softmax, in base 2. The new row max m_i, then S_ij becomes
+// P~_ij = exp2(S_ij - m_i) in place, and alpha = exp2(m_i old - m_i new) rescales l_i and
+// O_i. Key 0 is in tile 0 and no row hides it, so m_i is finite from the first tile on,
+// and exp2(-inf - m_i) = 0 for hidden keys.
+__device__ __forceinline__ void online_softmax(float (&S_ij)[8][4], float (&O_i)[8][4], float (&m_i)[2],
+                                               float (&l_i)[2]) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        float row_max = m_i[h];
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb) row_max = fmaxf(row_max, fmaxf(S_ij[nb][2 * h], S_ij[nb][2 * h + 1]));
+        row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffffu, row_max, 1));  // the 4 lanes of a row
+        row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffffu, row_max, 2));
+        const float alpha = exp2_approx(m_i[h] - row_max);
+        m_i[h] = row_max;
+        l_i[h] *= alpha;
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb) {
+            S_ij[nb][2 * h] = exp2_approx(S_ij[nb][2 * h] - row_max);
+            S_ij[nb][2 * h + 1] = exp2_approx(S_ij[nb][2 * h + 1] - row_max);
+            l_i[h] += S_ij[nb][2 * h] + S_ij[nb][2 * h + 1];
+            O_i[nb][2 * h] *= alpha;
+            O_i[nb][2 * h + 1] *= alpha;
+        }
+    }
+}
+
+// line 10: O_i += P~_ij V_j (alpha was applied by online_softmax). Returns whether, on the
+// causal diagonal, this warp's rows of V_j held a non-finite value (see add_nonfinite_pv).
+__device__ __forceinline__ bool add_pv(float (&O_i)[8][4], const float (&P_ij)[8][4], const float* V_j, bool diagonal,
+                                       int nb_end) {
+    const int w = threadIdx.x / 32;
+    float pv[8][4];
+    const bool nonfinite = mma_tile(pv, P_ij, V_j, 0, nb_end, diagonal ? 2 * w : -2);
+    add_to(O_i, pv);
+    return nonfinite;
+}
+// The rare path of line 10 on the diagonal: the warp adds its visible products one by one,
+// with P~_ij from `spare`, a shared tile free at the diagonal (the last tile).
+__device__ __forceinline__ void add_nonfinite_pv(float (&O_i)[8][4], const float (&P_ij)[8][4], const float* V_j,
+                                                 float* spare) {
+    const int r0 = MMA_M * (threadIdx.x / 32);
+    store_rows(spare, P_ij, r0);
+    __syncwarp();
+    add_nonfinite_products(O_i, spare, V_j, r0, false);
+}
+
+__global__ void __launch_bounds__(THREADS)
+forward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const float* __restrict__ V,
+               float* __restrict__ O, float* __restrict__ L, int64_t BH, int Nq, int Nk,
+               float softmax_scale, bool causal) {
+    extern __shared__ __align__(16) float smem[];
+    float* Q_i = smem;
+    // Two stages of K_j, V_j: stage st holds K_j at smem + (1 + 2 st) TILE, V_j right after.
+    auto K_stage = [&](int st) { return smem + (1 + 2 * st) * TILE; };
+    auto V_stage = [&](int st) { return smem + (2 + 2 * st) * TILE; };
+
+    const int Tr = cdiv(Nq, Br), Tc = cdiv(Nk, Bc);
+    const int i = Tr - 1 - (int)(blockIdx.x / BH);  // query tile
+    const int64_t bh = blockIdx.x % BH;
+    Q += bh * Nq * d;
+    K += bh * Nk * d;
+    V += bh * Nk * d;
+    O += bh * Nq * d;
+    L += bh * Nq;
+
+    const int w = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+    const int r0 = MMA_M * w;                       // the warp's first row in the tile
+    const float scale_log2 = softmax_scale * LOG2E;
+    const int last_row = min((i + 1) * Br, Nq) - 1;
+    const int Tc_end = causal ? min(Tc, last_row / Bc + 1) : Tc;
+
+    load_tile_async(Q_i, Q, i * Br, Nq);            // line 4
+    load_tile_async(K_stage(0), K, 0, Nk);          // line 7 for j = 0
+    load_tile_async(V_stage(0), V, 0, Nk);
+    cp_async_commit();
+
+    float O_i[8][4] = {};                           // line 5: unnormalized
+    float m_i[2] = {-INFINITY, -INFINITY};          // line 5: running max, base 2
+    float l_i[2] = {0.f, 0.f};                      // line 5: this lane's part of the row sums
+
+    // Lines 8-10 for key tile j, from stage st.
+    auto step = [&](int j, int st, auto kind) {
+        constexpr bool edge = decltype(kind)::edge;
+        const bool diagonal = edge && causal && j == i;  // keys 16w + 16 .. 63 are hidden from warp w
+        const int nb_end = diagonal ? 2 * w + 2 : 8;
+        float S_ij[8][4];
+        scores<edge>(S_ij, Q_i, K_stage(st), i, j, nb_end, Nk, causal, scale_log2);  // line 8
+        online_softmax(S_ij, O_i, m_i, l_i);                                          // line 9
+        const float (&P_ij)[8][4] = S_ij;
+        const bool nonfinite = add_pv(O_i, P_ij, V_stage(st), diagonal, nb_end);      // line 10
+        if (diagonal && __any_sync(0xffffffffu, nonfinite)) add_nonfinite_pv(O_i, P_ij, V_stage(st), K_stage(1 - st));
+    };
+
+    for (int j = 0; j < Tc_end; ++j) {              // line 6
+        cp_async_wait_all();
+        __syncthreads();                            // K_j, V_j landed; all warps are done with j - 1's stage
+        if (j + 1 < Tc_end) {                       // line 7 for j + 1, while j is computed
+            load_tile_async(K_stage((j + 1) % 2), K, (j + 1) * Bc, Nk);
+            load_tile_async(V_stage((j + 1) % 2), V, (j + 1) * Bc, Nk);
+            cp_async_commit();
+        }
+        if ((causal && j == i) || (j + 1) * Bc > Nk) step(j, j % 2, Edge());
+        else step(j, j % 2, Interior());
+    }
+
+    // lines 12-15: write O_i / l_i and L_i = m_i + log(l_i) (natural log)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        float l_row = l_i[h] + __shfl_xor_sync(0xffffffffu, l_i[h], 1);  // the 4 lanes of a row
+        l_row += __shfl_xor_sync(0xffffffffu, l_row, 2);
+        const int row = i * Br + r0 + g + 8 * h;
+        if (row >= Nq) continue;
+        const float inv_l = 1.f / l_row;
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb)
+            *reinterpret_cast<float2*>(O + (int64_t)row * d + 8 * nb + 2 * t) =
+                make_float2(O_i[nb][2 * h] * inv_l, O_i[nb][2 * h + 1] * inv_l);
+        if (t == 0) L[row] = m_i[h] / LOG2E + logf(l_row);
+    }
+}
+
+// -----------------------------------------------------------------------------
+// Backward: Algorithm 2 (FlashAttention-2 loop order), 64 x 64 tiles
+// -----------------------------------------------------------------------------
+// One block per (key tile j, batch * head), in both modes; the key tiles with the most work
+// (causal: the first ones) are launched first. Warp w owns keys 64j + 16w .. + 15 for dK_j
+// and dV_j, and queries 64i + 16w .. + 15 for dQ_i.
+//   line 6  (load K_j, V_j)             : cp.async, once per j
+//   line 7  (dK_j = dV_j = 0)           : dK_j[8][4], dV_j[8][4] in registers
+//   line 8  (for i)                     : non-causal i = 0 .. Tr - 1; causal i = Tr - 1 down
+//                                         to j, the diagonal tile (why: WriteOrder)
+//   line 9  (load Q_i, dO_i, L_i, D_i)  : cp.async; the next tile loads while dQ_i is computed
+//   lines 10-14, 16                     : dk_dv_phase(), keys as the warp's rows
+//   line 15 (dQ_i += scale dS_ij K_j)   : dq_phase(), queries as the warp's rows
+//   line 18 (write dK_j, dV_j)          : write_dk_dv(), after the i loop
 
 // *p += v for two floats, atomically (one vector atomic on sm_90, two before).
 __device__ __forceinline__ void atomic_add2(float2* p, float2 v) {
@@ -721,12 +966,25 @@ __device__ __forceinline__ void atomic_add2(float2* p, float2 v) {
 #endif
 }
 
-// Deterministic mode: a warp tells the next writer of its partial buffer how far it got
-// (publish, a release store), and waits until the previous writer got far enough (wait).
-// With the release, every write this warp made before it (all its lanes', ordered by
-// __syncwarp) is visible to the warp that reads the value with an acquire load. The wait
-// polls with relaxed loads, which leave the SM's L1 alone, sleeping a little longer after
-// each miss, and makes one acquire load once the value is there.
+// Deterministic mode: key tile j adds its dQ shares into partial buffer j mod P
+// (P = min(Tc, DQ_PARTIALS); 1 when causal and Tc <= SINGLE_CHAIN), after tile j - P and
+// before tile j + P, so the order of the additions into each buffer is j's order, whatever
+// the order in which the blocks run. Tile j < P stores (it is the first), the others add.
+// Each warp publishes, after each query tile, how many query tiles it has written (one int
+// per warp of each tile, zeroed before the launch), and before it writes the query tile of
+// its step n, waits until the same warp of tile j - P has published more than n. Step n is
+// the same query tile in both, because both sweep the same way: upward from query tile 0
+// when non-causal, downward from the last query tile when causal. (Upward, causal tile j
+// would start at query tile j and wait for tile j - P to walk P tiles first; downward both
+// start together, and the tiles that only j - P sees come last. So a short causal backward
+// needs one buffer only: tile j trails tile j - 1 by part of a step, but has one query tile
+// less to walk.) The blocks are scheduled as in the default mode, so both modes take about
+// the same time; Part I, simpler, gives each buffer one block that walks its tiles in turn.
+//
+// A publish is a release store: every write the warp made before it (all its lanes',
+// ordered by __syncwarp) is visible to a warp that reads the value with an acquire load.
+// The wait polls with relaxed loads, which leave the SM's L1 alone, sleeping a little
+// longer after each miss, and makes one acquire load once the value is there.
 __device__ __forceinline__ void publish(int* p, int v) {
     asm volatile("st.release.gpu.global.b32 [%0], %1;\n" :: "l"(p), "r"(v) : "memory");
 }
@@ -742,185 +1000,139 @@ __device__ __forceinline__ int wait_until_above(const int* p, int n, int known) 
     asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(known) : "l"(p) : "memory");
     return known;  // acquire: the writes published before this value are visible
 }
+struct WriteOrder {
+    int* mine = nullptr;            // this warp's count; null in the default mode
+    const int* previous = nullptr;  // the same warp's count in tile j - P; null if j < P
+    int previous_done = 0;          // the most the previous writer is known to have written
+    // The query tiles of steps 0 .. n - 1 are written (lane 0 publishes for the warp).
+    __device__ __forceinline__ void written(int n) const {
+        if (mine && threadIdx.x % 32 == 0) publish(mine, n);
+    }
+    // Returns when the previous writer has written the query tile of step n.
+    __device__ __forceinline__ void wait_turn(int n) {
+        if (!previous) return;
+        if (threadIdx.x % 32 == 0) previous_done = wait_until_above(previous, n, previous_done);
+        __syncwarp();
+    }
+};
 
-// The loop bodies below are generic lambdas, called with Edge() for the tiles that need
-// masks and Interior() for the others: two copies of the body, one without masks.
-struct Interior { static constexpr bool edge = false; };
-struct Edge { static constexpr bool edge = true; };
+// The backward's shared tiles: K_j, V_j for the block; Q_i, dO_i, L_i, D_i for the current
+// query tile; dS_ij with queries as rows (P_ij^T, with keys as columns, until dS replaces it).
+struct BackwardTiles { float *K_j, *V_j, *dS_ij, *Q_i, *dO_i, *L_i, *D_i; };
 
-// -----------------------------------------------------------------------------
-// Fast forward: Algorithm 1 (FlashAttention-2 loop order), 64 x 64 tiles
-// -----------------------------------------------------------------------------
-// One block per (query tile i, batch * head); the query tiles with the most work (causal:
-// the last ones) are launched first. Warp w owns query rows 64i + 16w .. 64i + 16w + 15.
-//   line 4  (load Q_i)                 : cp.async, with K_0 and V_0
-//   line 5  (O_i = 0, l_i = 0, m_i = -inf): o[8][4], l[2], m[2]
-//   line 6  (for j)                    : the j loop; causal stops at the diagonal tile j = i
-//   line 7  (load K_j, V_j)            : cp.async into one of two stages; j + 1 loads during j
-//   line 8  (S_ij = Q_i K_j^T)         : s[8][4], times scale * log2(e): exp2 replaces exp
-//   line 9  (online softmax)           : row max over the 4 lanes of a row, alpha, l_i
-//   line 10 (O_i = alpha O_i + P V_j)  : o[8][4]; P is s[][] as it is (see the header)
-//   lines 12-15 (O_i / l_i, L_i)       : after the loop, with 1/l_i applied to O_i once
-__global__ void __launch_bounds__(THREADS)
-forward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const float* __restrict__ V,
-               float* __restrict__ O, float* __restrict__ L, int64_t BH, int Nq, int Nk,
-               float softmax_scale, bool causal) {
-    extern __shared__ __align__(16) float smem[];
-    float* Qs = smem;                                // Q_i
-    // Two stages of K_j, V_j: stage st holds K_j at smem + (1 + 2 st) TILE, V_j right after.
-    auto Kj = [&](int st) { return smem + (1 + 2 * st) * TILE; };
-    auto Vj = [&](int st) { return smem + (2 + 2 * st) * TILE; };
-
-    const int Tr = cdiv(Nq, Br), Tc = cdiv(Nk, Bc);
-    const int i = Tr - 1 - (int)(blockIdx.x / BH);  // query tile
-    const int64_t bh = blockIdx.x % BH;
-    Q += bh * Nq * d;
-    K += bh * Nk * d;
-    V += bh * Nk * d;
-    O += bh * Nq * d;
-    L += bh * Nq;
-
-    const int w = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
-    const int r0 = MMA_M * w;                       // the warp's first row in the tile
-    const float scale_log2 = softmax_scale * LOG2E;
-
-    const int last_row = min((i + 1) * Br, Nq) - 1;
-    const int Tc_end = causal ? min(Tc, last_row / Bc + 1) : Tc;
-    load_tile_async(Qs, Q, i * Br, Nq);             // line 4
-    load_tile_async(Kj(0), K, 0, Nk);               // line 7 for j = 0
-    load_tile_async(Vj(0), V, 0, Nk);
-    cp_async_commit();
-
-    float o[8][4] = {};                             // line 5: O_i, unnormalized
-    float m[2] = {-INFINITY, -INFINITY};            // line 5: running max of rows g, g + 8 (base 2)
-    float l[2] = {0.f, 0.f};                        // line 5: this lane's part of their sums
-
-    // Lines 8-10 for key tile j, from stage st.
-    auto step = [&](int j, int st, auto kind) {
-        constexpr bool edge = decltype(kind)::edge;
-        const float* Ks = Kj(st);
-        const float* Vs = Vj(st);
-        const bool diagonal = edge && causal && j == i;   // keys 16w + 16 .. 63 are hidden from warp w
-        const int nb_end = diagonal ? 2 * w + 2 : 8;
-
-        // line 8: S_ij = Q_i K_j^T, 16 x 64 per warp; in base-2 units; hidden keys get -inf
-        float s[8][4];
-        mma_rows_tiles(s, Qs, r0, Ks, 0, nb_end);
-#pragma unroll
-        for (int nb = 0; nb < 8; ++nb)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int row = i * Br + r0 + g + 8 * (e / 2), key = j * Bc + 8 * nb + 2 * t + e % 2;
-                s[nb][e] = edge && masked(row, key, Nk, causal) ? -INFINITY : s[nb][e] * scale_log2;
-            }
-
-        // line 9: online softmax. Key 0 is in tile 0 and no row hides it, so m is finite
-        // from the first tile on, and exp2(-inf - m) = 0 for hidden keys.
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            float row_max = m[h];
-#pragma unroll
-            for (int nb = 0; nb < 8; ++nb) row_max = fmaxf(row_max, fmaxf(s[nb][2 * h], s[nb][2 * h + 1]));
-            row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffffu, row_max, 1));  // the 4 lanes of a row
-            row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffffu, row_max, 2));
-            const float alpha = exp2_approx(m[h] - row_max);
-            m[h] = row_max;
-            l[h] *= alpha;
-#pragma unroll
-            for (int nb = 0; nb < 8; ++nb) {
-                s[nb][2 * h] = exp2_approx(s[nb][2 * h] - row_max);          // P~_ij
-                s[nb][2 * h + 1] = exp2_approx(s[nb][2 * h + 1] - row_max);
-                l[h] += s[nb][2 * h] + s[nb][2 * h + 1];
-                o[nb][2 * h] *= alpha;
-                o[nb][2 * h + 1] *= alpha;
-            }
-        }
-
-        // line 10: O_i += P~_ij V_j (alpha applied above)
-        float pv[8][4];
-        const bool nonfinite = mma_tile(pv, s, Vs, 0, nb_end, diagonal ? 2 * w : -2);
-        add_to(o, pv);
-        if (diagonal && __any_sync(0xffffffffu, nonfinite)) {
-            // The diagonal tile is the last one: the other stage's K buffer is free for P.
-            float* P = Kj(1 - st);
-            store_rows(P, s, r0);
-            __syncwarp();
-            add_nonfinite_products(o, P, Vs, r0, false);
-        }
+// Lines 10-14 and 16 for the tiles i, j: the warp's 16 keys are the rows of S_ij^T, and of
+// what replaces it in the same registers (P_ij^T, then dP_ij^T, then dS_ij^T). dV_j, dK_j
+// accumulate; dS_ij is left in shared memory for line 15. Step n of the sweep publishes,
+// half a step after its last writes completed, that steps 0 .. n - 1 are written.
+template <bool edge>
+__device__ __forceinline__ void dk_dv_phase(float (&dK_j)[8][4], float (&dV_j)[8][4], const BackwardTiles& tiles,
+                                            int i, int j, int n, int Nq, int Nk, bool causal, float scale_log2,
+                                            const WriteOrder& order) {
+    const int w = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4, r0 = MMA_M * w;
+    // Causal, tile i = j: queries 0 .. 16w - 1 of the tile are hidden from all keys of
+    // warp w (column blocks < 2w), and keys 16w + 16 .. 63 from its queries.
+    const bool diagonal = edge && causal && i == j;
+    const int first = diagonal ? 2 * w : 0;
+    const int mixed = diagonal ? 2 * w : -2;
+    // Whether the query in column e of n-block nb is hidden from this lane's key of the pair.
+    auto hidden = [&](int nb, int e) {
+        const int row = i * Br + 8 * nb + 2 * t + e % 2, key = j * Bc + r0 + g + 8 * (e / 2);
+        return edge && (row >= Nq || masked(row, key, Nk, causal));
     };
 
-    for (int j = 0; j < Tc_end; ++j) {              // line 6
-        cp_async_wait_all();
-        __syncthreads();                            // K_j, V_j landed; all warps are done with j - 1's stage
-        if (j + 1 < Tc_end) {                       // line 7 for j + 1, while j is computed
-            load_tile_async(Kj((j + 1) % 2), K, (j + 1) * Bc, Nk);
-            load_tile_async(Vj((j + 1) % 2), V, (j + 1) * Bc, Nk);
-            cp_async_commit();
+    // line 10: S_ij^T = K_j Q_i^T; line 11: P_ij = exp2(S scale log2(e) - L log2(e)), 0 if hidden
+    float S_ij[8][4], part[8][4];
+    float (&P_ij)[8][4] = S_ij;
+    mma_rows_tiles(S_ij, tiles.K_j, r0, tiles.Q_i, first, 8);
+#pragma unroll
+    for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float l_row = tiles.L_i[8 * nb + 2 * t + e % 2];
+            P_ij[nb][e] = hidden(nb, e) ? 0.f : exp2_approx(S_ij[nb][e] * scale_log2 - l_row * LOG2E);
         }
-        if ((causal && j == i) || (j + 1) * Bc > Nk) step(j, j % 2, Edge());
-        else step(j, j % 2, Interior());
-    }
+    store_transposed(tiles.dS_ij, P_ij, r0);       // P_ij, kept in the warp's columns until dS
+    __syncwarp();
 
-    // lines 12-15: write O_i / l_i and L_i = m_i + log(l_i) (natural log)
+    // line 12: dV_j += P_ij^T dO_i (the sum runs over the tile's queries)
+    const bool bad_dO = mma_tile(part, P_ij, tiles.dO_i, first, 8, mixed);
+    add_to(dV_j, part);
+    if (diagonal && __any_sync(0xffffffffu, bad_dO)) add_nonfinite_products(dV_j, tiles.dS_ij, tiles.dO_i, r0, true);
+
+    // line 13: dP_ij^T = V_j dO_i^T; line 14: dS_ij = P_ij (dP_ij - D_i), 0 if hidden
+    float (&dP_ij)[8][4] = S_ij;
+    mma_rows_tiles(dP_ij, tiles.V_j, r0, tiles.dO_i, first, 8);
+    order.written(n);
+    float (&dS_ij)[8][4] = S_ij;
+#pragma unroll
+    for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int col = 8 * nb + 2 * t + e % 2;
+            const float p = tiles.dS_ij[at(col, r0 + g + 8 * (e / 2))];  // P_ij, as this lane stored it
+            dS_ij[nb][e] = hidden(nb, e) ? 0.f : p * (dP_ij[nb][e] - tiles.D_i[col]);
+        }
+    __syncwarp();                                   // all lanes have read P before dS replaces it
+    store_transposed(tiles.dS_ij, dS_ij, r0);
+    __syncwarp();
+
+    // line 16: dK_j += dS_ij^T Q_i
+    const bool bad_Q = mma_tile(part, dS_ij, tiles.Q_i, first, 8, mixed);
+    add_to(dK_j, part);
+    if (diagonal && __any_sync(0xffffffffu, bad_Q)) add_nonfinite_products(dK_j, tiles.dS_ij, tiles.Q_i, r0, true);
+}
+
+// Line 15 for the tiles i, j: dQ_i += scale dS_ij K_j for the warp's 16 queries (rows
+// r0 .. r0 + 15 of dS_ij in shared memory, all 64 keys), added atomically into dQ_out, or,
+// deterministic, in its turn: stored by the buffer's first writer, added by the others
+// (atomically, but alone).
+template <bool edge>
+__device__ __forceinline__ void dq_phase(float* dQ_out, const BackwardTiles& tiles, int i, int j, int n, int Nq,
+                                         bool causal, float softmax_scale, bool store, WriteOrder& order) {
+    const int w = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4, r0 = MMA_M * w;
+    const bool diagonal = edge && causal && i == j;
+    const int mixed = diagonal ? 2 * w : -2;
+    float dS_rows[8][4], dQ_share[8][4];            // dS_ij's rows r0 .. r0 + 15, in the accumulator layout
+#pragma unroll
+    for (int kc = 0; kc < 8; ++kc) {
+        const float2 lo = row2(tiles.dS_ij, r0 + g, 8 * kc + 2 * t), hi = row2(tiles.dS_ij, r0 + g + 8, 8 * kc + 2 * t);
+        dS_rows[kc][0] = lo.x; dS_rows[kc][1] = lo.y; dS_rows[kc][2] = hi.x; dS_rows[kc][3] = hi.y;
+    }
+    const bool bad_K = mma_tile(dQ_share, dS_rows, tiles.K_j, 0, diagonal ? 2 * w + 2 : 8, mixed);
+    if (diagonal && __any_sync(0xffffffffu, bad_K)) add_nonfinite_products(dQ_share, tiles.dS_ij, tiles.K_j, r0, false);
+    order.wait_turn(n);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-        float l_row = l[h] + __shfl_xor_sync(0xffffffffu, l[h], 1);
-        l_row += __shfl_xor_sync(0xffffffffu, l_row, 2);
         const int row = i * Br + r0 + g + 8 * h;
-        if (row >= Nq) continue;
-        const float inv_l = 1.f / l_row;
+        if (edge && row >= Nq) continue;
 #pragma unroll
-        for (int nb = 0; nb < 8; ++nb)
-            *reinterpret_cast<float2*>(O + (int64_t)row * d + 8 * nb + 2 * t) =
-                make_float2(o[nb][2 * h] * inv_l, o[nb][2 * h + 1] * inv_l);
-        if (t == 0) L[row] = m[h] / LOG2E + logf(l_row);
+        for (int nb = 0; nb < 8; ++nb) {
+            float2* out = reinterpret_cast<float2*>(dQ_out + (int64_t)row * d + 8 * nb + 2 * t);
+            const float2 x = make_float2(softmax_scale * dQ_share[nb][2 * h], softmax_scale * dQ_share[nb][2 * h + 1]);
+            if (store) *out = x;
+            else atomic_add2(out, x);
+        }
     }
 }
 
-// -----------------------------------------------------------------------------
-// Fast backward: Algorithm 2 (FlashAttention-2 loop order), 64 x 64 tiles
-// -----------------------------------------------------------------------------
-// One block per (key tile j, batch * head), in both modes; the key tiles with the most work
-// (causal: the first ones) are launched first. Warp w owns keys 64j + 16w .. + 15 for dK_j
-// and dV_j, and queries 64i + 16w .. + 15 for dQ_i.
-//
-// Deterministic mode: key tile j adds its dQ shares into partial buffer p = j mod P
-// (P = min(Tc, DQ_PARTIALS); 1 when causal and Tc <= SINGLE_CHAIN), after tile j - P and
-// before tile j + P: the order of the additions into each buffer is j's order, whatever the
-// order in which the blocks run.
-// Tile j < P stores (it is the first), the others add. Each warp publishes, after each
-// query tile, how many query tiles it has written (dQ_progress, one int per warp of each
-// tile, zeroed before the launch), and before it writes the query tile of its step n,
-// waits until warp w of tile j - P has published more than n. Step n is the same query
-// tile in both blocks, because both sweep the same way: upward from query tile 0 when
-// non-causal, downward from the last query tile when causal. (Causal and upward, tile j
-// would start at query tile j and wait for tile j - P to walk P tiles before its first
-// write: 17% over the default mode instead of 6% at B = 2, H = 8, N = 1024. Downward, both
-// start together, and the tiles that only j - P sees come last. So a short causal
-// backward needs no more than one buffer: tile j trails tile j - 1 by part of a step, but
-// has one query tile less to walk, and dQ itself is the buffer: no sum. Non-causal, every
-// tile walks every query tile, and a chain of Tc tiles that run at once would end Tc
-// part-steps late.) A tile waits only for a tile that a running block has taken (see
-// take_tiles below), so the chain moves whatever order the GPU starts the blocks in. The
-// blocks are scheduled as in the default mode, so deterministic and default runs take
-// about the same time; the tutorial kernels, simpler, give each buffer one block that
-// walks its key tiles in turn.
-//   line 6  (load K_j, V_j)             : cp.async, once per j
-//   line 7  (dK_j = dV_j = 0)           : dk[8][4], dv[8][4] in registers
-//   line 8  (for i)                     : non-causal i = 0 .. Tr - 1; causal i = Tr - 1 down
-//                                         to j, the diagonal tile
-//   line 9  (load Q_i, dO_i, L_i, D_i)  : cp.async; the next tile loads while dQ_i is computed
-//   line 10 (S_ij^T = K_j Q_i^T)        : s[8][4]: keys as rows, queries as columns
-//   line 11 (P_ij = exp(S_ij - L_i))    : in place in s, from the saved logsumexp
-//   line 12 (dV_j += P_ij^T dO_i)       : as soon as P is known; P^T waits in dSs
-//   line 13 (dP_ij^T = V_j dO_i^T)      : into s, now free
-//   line 14 (dS = P (dP - D_i))         : in place in s, then into shared memory (dSs)
-//   line 16 (dK_j += dS_ij^T Q_i)       : dk, scaled at the end
-//   line 15 (dQ_i += scale dS_ij K_j)   : each warp takes 16 queries, all 64 keys from dSs;
-//                                         atomicAdd of float2 into dQ; deterministic: stored
-//                                         (j < P) or added into partial buffer j mod P
-//   line 18 (write dK_j, dV_j)          : after the i loop
-//
+// line 18: write dK_j (times the scale, once) and dV_j; zero for keys no query sees.
+__device__ __forceinline__ void write_dk_dv(float* dK, float* dV, const float (&dK_j)[8][4], const float (&dV_j)[8][4],
+                                            int j, int Nk, float softmax_scale) {
+    const int r0 = MMA_M * (threadIdx.x / 32), g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int key = j * Bc + r0 + g + 8 * h;
+        if (key >= Nk) continue;
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb) {
+            const int64_t off = (int64_t)key * d + 8 * nb + 2 * t;
+            *reinterpret_cast<float2*>(dK + off) =
+                make_float2(softmax_scale * dK_j[nb][2 * h], softmax_scale * dK_j[nb][2 * h + 1]);
+            *reinterpret_cast<float2*>(dV + off) = make_float2(dV_j[nb][2 * h], dV_j[nb][2 * h + 1]);
+        }
+    }
+}
+
 // Lines 6-18 for key tile j of head bh, tile = j * BH + bh: the work of one block.
 __device__ __forceinline__ void backward_key_tile(
         const float* __restrict__ Q, const float* __restrict__ K, const float* __restrict__ V,
@@ -928,14 +1140,8 @@ __device__ __forceinline__ void backward_key_tile(
         float* __restrict__ dQ, float* __restrict__ dQ_partial, int* __restrict__ dQ_progress,
         float* __restrict__ dK, float* __restrict__ dV, int64_t BH, int Nq, int Nk, int P,
         float softmax_scale, bool causal, bool deterministic, float* smem, int64_t tile) {
-    float* Ks = smem;                               // K_j
-    float* Vs = smem + TILE;                        // V_j
-    float* dSs = smem + 2 * TILE;                   // dS_ij, queries as rows
-    float* Qs = smem + 3 * TILE;                    // Q_i
-    float* dOs = smem + 4 * TILE;                   // dO_i
-    float* Ls = smem + 5 * TILE;                    // L_i
-    float* Ds = Ls + Br;                            // D_i
-
+    const BackwardTiles tiles{smem, smem + TILE, smem + 2 * TILE, smem + 3 * TILE, smem + 4 * TILE,
+                              smem + 5 * TILE, smem + 5 * TILE + Br};
     const int Tr = cdiv(Nq, Br);
     const int j = (int)(tile / BH);                 // line 5: the key tile
     const int64_t bh = tile % BH;
@@ -948,156 +1154,59 @@ __device__ __forceinline__ void backward_key_tile(
     dK += bh * Nk * d;
     dV += bh * Nk * d;
     float* dQ_out = dq_buffer(dQ, dQ_partial, deterministic ? j % P : 0, bh, BH, Nq);
-
-    const int w = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
-    const bool lane0 = threadIdx.x % 32 == 0;
-    // Deterministic mode: this warp's progress, the previous writer's (tile j - P, same head
-    // and warp; null if j < P), and the most the previous writer is known to have written.
-    int* progress = deterministic ? dQ_progress + tile * WARPS + w : nullptr;
-    const int* previous = deterministic && j >= P ? progress - P * BH * WARPS : nullptr;
-    int previous_done = 0;
-    const int r0 = MMA_M * w;
+    WriteOrder order;                               // deterministic: this warp's counter, tile j - P's
+    if (deterministic) {
+        order.mine = dQ_progress + tile * WARPS + threadIdx.x / 32;
+        if (j >= P) order.previous = order.mine - P * BH * WARPS;
+    }
     const float scale_log2 = softmax_scale * LOG2E;
 
     // Start loading tile i of Q, dO, L, D.
     auto load_query_tile = [&](int i) {
-        load_tile_async(Qs, Q, i * Br, Nq);
-        load_tile_async(dOs, dO, i * Br, Nq);
-        if (threadIdx.x < Br) load_row_values_async(Ls, L, i * Br, Nq, threadIdx.x);
-        else load_row_values_async(Ds, D, i * Br, Nq, threadIdx.x - Br);
+        load_tile_async(tiles.Q_i, Q, i * Br, Nq);
+        load_tile_async(tiles.dO_i, dO, i * Br, Nq);
+        if (threadIdx.x < Br) load_row_values_async(tiles.L_i, L, i * Br, Nq, threadIdx.x);
+        else load_row_values_async(tiles.D_i, D, i * Br, Nq, threadIdx.x - Br);
         cp_async_commit();
     };
 
-    float dk[8][4], dv[8][4];
-
-    // Line 9's sweep: i = i_first, i_first + di, ..., up to i_end (excluded). Non-causal: 0,
-    // 1, ..., Tr - 1. Causal: Tr - 1 down to j, as the queries before tile j see none of its
-    // keys (why downward: see the deterministic mode above).
-    const int i_first = causal ? Tr - 1 : 0, di = causal ? -1 : 1;
-    const int i_end = causal ? min(j, Tr) - 1 : Tr;
-
-    // Lines 10-16 for the tiles i, j; ends with the next query tile loading.
-    auto step = [&](int i, auto kind) {
-        constexpr bool edge = decltype(kind)::edge;
-        const int n = (i - i_first) * di;           // the step's number: 0, 1, ...
-        // Causal, tile i = j: queries 0 .. 16w - 1 of the tile are hidden from all keys of
-        // warp w (column blocks < 2w), and keys 16w + 16 .. 63 from its queries.
-        const bool diagonal = edge && causal && i == j;
-        const int first = diagonal ? 2 * w : 0;
-        const int mixed = diagonal ? 2 * w : -2;
-        // Whether the query in column e of n-block nb is hidden from this lane's key of the pair.
-        auto hidden = [&](int nb, int e) {
-            const int row = i * Br + 8 * nb + 2 * t + e % 2, key = j * Bc + r0 + g + 8 * (e / 2);
-            return edge && (row >= Nq || masked(row, key, Nk, causal));
-        };
-
-        // line 10: S^T = K_j Q_i^T; line 11: P = exp2(S scale log2(e) - L log2(e)), 0 if hidden
-        float s[8][4], part[8][4];
-        mma_rows_tiles(s, Ks, r0, Qs, first, 8);
-#pragma unroll
-        for (int nb = 0; nb < 8; ++nb)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const float l_row = Ls[8 * nb + 2 * t + e % 2];
-                s[nb][e] = hidden(nb, e) ? 0.f : exp2_approx(s[nb][e] * scale_log2 - l_row * LOG2E);
-            }
-        store_transposed(dSs, s, r0);               // P^T, kept in the warp's columns of dSs until dS
-        __syncwarp();
-
-        // line 12: dV_j += P^T dO_i (the sum runs over the tile's queries)
-        const bool bad_dO = mma_tile(part, s, dOs, first, 8, mixed);
-        add_to(dv, part);
-        if (diagonal && __any_sync(0xffffffffu, bad_dO)) add_nonfinite_products(dv, dSs, dOs, r0, true);
-
-        // line 13: dP^T = V_j dO_i^T; line 14: dS = P (dP - D), 0 if hidden
-        mma_rows_tiles(s, Vs, r0, dOs, first, 8);
-        // Deterministic mode: publish that the query tiles of steps 0 .. n - 1 are written.
-        // Half a step after their writes, which have completed by now, the release costs little.
-        if (progress && lane0) publish(progress, n);
-#pragma unroll
-        for (int nb = 0; nb < 8; ++nb)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int col = 8 * nb + 2 * t + e % 2;
-                const float p = dSs[at(col, r0 + g + 8 * (e / 2))];   // P^T, as this lane stored it
-                s[nb][e] = hidden(nb, e) ? 0.f : p * (s[nb][e] - Ds[col]);
-            }
-        __syncwarp();                               // all lanes have read P before dS replaces it
-        store_transposed(dSs, s, r0);               // dS_ij, for lines 15 and 16
-        __syncwarp();
-
-        // line 16: dK_j += dS^T Q_i
-        const bool bad_Q = mma_tile(part, s, Qs, first, 8, mixed);
-        add_to(dk, part);
-        if (diagonal && __any_sync(0xffffffffu, bad_Q)) add_nonfinite_products(dk, dSs, Qs, r0, true);
-        __syncthreads();                            // dS_ij is complete; Q_i, dO_i, L_i, D_i are read
-        if (i + di != i_end) load_query_tile(i + di);  // line 9, next tile, while dQ_i is computed
-
-        // line 15: dQ_i += scale dS_ij K_j for the warp's 16 queries (rows r0 .. r0 + 15)
-#pragma unroll
-        for (int kc = 0; kc < 8; ++kc) {            // dS rows in the accumulator layout
-            const float2 lo = row2(dSs, r0 + g, 8 * kc + 2 * t), hi = row2(dSs, r0 + g + 8, 8 * kc + 2 * t);
-            s[kc][0] = lo.x; s[kc][1] = lo.y; s[kc][2] = hi.x; s[kc][3] = hi.y;
-        }
-        const bool bad_K = mma_tile(part, s, Ks, 0, diagonal ? 2 * w + 2 : 8, mixed);
-        if (diagonal && __any_sync(0xffffffffu, bad_K)) add_nonfinite_products(part, dSs, Ks, r0, false);
-        // Deterministic mode: wait until tile j - P has written these rows of query tile i
-        // (its step n too). Tile j < P stores (it comes first, and as Br = Bc, reaches every
-        // query tile that a later tile j + nP of its buffer reaches); the others add,
-        // atomically but alone.
-        if (previous) {
-            if (lane0) previous_done = wait_until_above(previous, n, previous_done);
-            __syncwarp();
-        }
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int row = i * Br + r0 + g + 8 * h;
-            if (edge && row >= Nq) continue;
-#pragma unroll
-            for (int nb = 0; nb < 8; ++nb) {
-                float2* out = reinterpret_cast<float2*>(dQ_out + (int64_t)row * d + 8 * nb + 2 * t);
-                const float2 x = make_float2(softmax_scale * part[nb][2 * h], softmax_scale * part[nb][2 * h + 1]);
-                if (deterministic && j < P) *out = x;
-                else atomic_add2(out, x);
-            }
-        }
-    };
-
+    float dK_j[8][4], dV_j[8][4];
 #pragma unroll
     for (int nb = 0; nb < 8; ++nb)                  // line 7
 #pragma unroll
-        for (int e = 0; e < 4; ++e) dk[nb][e] = dv[nb][e] = 0.f;
+        for (int e = 0; e < 4; ++e) dK_j[nb][e] = dV_j[nb][e] = 0.f;
+
+    // Line 8's sweep: i = i_first, i_first + di, ..., up to i_end (excluded). Non-causal: 0,
+    // 1, ..., Tr - 1. Causal: Tr - 1 down to j, as the queries before tile j see none of its keys.
+    const int i_first = causal ? Tr - 1 : 0, di = causal ? -1 : 1;
+    const int i_end = causal ? min(j, Tr) - 1 : Tr;
+
+    // Lines 10-16 for the tiles i, j, step n of the sweep.
+    auto step = [&](int i, int n, auto kind) {
+        constexpr bool edge = decltype(kind)::edge;
+        dk_dv_phase<edge>(dK_j, dV_j, tiles, i, j, n, Nq, Nk, causal, scale_log2, order);  // lines 10-14, 16
+        __syncthreads();                            // dS_ij is complete; Q_i, dO_i, L_i, D_i are read
+        if (i + di != i_end) load_query_tile(i + di);  // line 9, next tile, while dQ_i is computed
+        dq_phase<edge>(dQ_out, tiles, i, j, n, Nq, causal, softmax_scale, deterministic && j < P, order);  // line 15
+    };
 
     if (i_first != i_end) {
-        load_tile_async(Ks, K, j * Bc, Nk);         // line 6
-        load_tile_async(Vs, V, j * Bc, Nk);
+        load_tile_async(tiles.K_j, K, j * Bc, Nk);  // line 6
+        load_tile_async(tiles.V_j, V, j * Bc, Nk);
         load_query_tile(i_first);
     }
     for (int i = i_first; i != i_end; i += di) {    // line 8
         cp_async_wait_all();
-        __syncthreads();                            // tile i landed; all warps are done with dSs of the last one
-        const bool edge = (causal && i == j) || (i + 1) * Br > Nq || (j + 1) * Bc > Nk;
-        if (edge) step(i, Edge());
-        else step(i, Interior());
+        __syncthreads();                            // tile i landed; all warps are done with dS_ij of the last one
+        const int n = (i - i_first) * di;
+        if ((causal && i == j) || (i + 1) * Br > Nq || (j + 1) * Bc > Nk) step(i, n, Edge());
+        else step(i, n, Interior());
     }
-    if (progress) {                                 // every query tile is written
+    if (deterministic) {                            // every query tile is written
         __syncwarp();
-        if (lane0) publish(progress, Tr);
+        order.written(Tr);
     }
-
-    // line 18: write dK_j (times the scale, once) and dV_j; zero for keys no query sees
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int key = j * Bc + r0 + g + 8 * h;
-        if (key >= Nk) continue;
-#pragma unroll
-        for (int nb = 0; nb < 8; ++nb) {
-            const int64_t off = (int64_t)key * d + 8 * nb + 2 * t;
-            *reinterpret_cast<float2*>(dK + off) =
-                make_float2(softmax_scale * dk[nb][2 * h], softmax_scale * dk[nb][2 * h + 1]);
-            *reinterpret_cast<float2*>(dV + off) = make_float2(dv[nb][2 * h], dv[nb][2 * h + 1]);
-        }
-    }
+    write_dk_dv(dK, dV, dK_j, dV_j, j, Nk, softmax_scale);  // line 18
 }
 
 // Deterministic mode: which block computes which tile. Tile t's block is block t, but a
@@ -1146,108 +1255,106 @@ backward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const 
     }
 }
 
+// -----------------------------------------------------------------------------
+// Launchers
+// -----------------------------------------------------------------------------
+
+// How many dQ partial buffers the deterministic backward uses: P = min(Tc, DQ_PARTIALS),
+// 1 when causal and Tc <= SINGLE_CHAIN. With P = 1 the buffer is dq itself.
+int dq_partials(int Nk, bool causal) {
+    if (Nk == 0) return 0;
+    const int Tc = cdiv(Nk, Bc);
+    return causal && Tc <= SINGLE_CHAIN ? 1 : std::min(Tc, DQ_PARTIALS);
+}
+
+// How many ints the deterministic backward needs: a progress counter per warp of each
+// tile, then a flag per tile (taken by a block): Tc * BH * (4 + 1).
+int64_t dq_progress_ints(int64_t BH, int Nk) { return cdiv(Nk, Bc) * BH * (WARPS + 1); }
+
+constexpr size_t FORWARD_SMEM = 5 * TILE * sizeof(float);              // Q_i; K_j, V_j twice: 85 KB
+constexpr size_t BACKWARD_SMEM = (5 * TILE + 2 * Br) * sizeof(float);  // K_j, V_j, dS_ij, Q_i, dO_i; L_i, D_i: 85.5 KB
+
+cudaError_t forward(const float* q, const float* k, const float* v, float* o, float* L,
+                    int64_t BH, int Nq, int Nk, float softmax_scale, bool causal, cudaStream_t stream) {
+    const int64_t blocks = BH * cdiv(Nq, Br);
+    if (blocks == 0) return cudaSuccess;
+    if (blocks > INT32_MAX) return cudaErrorInvalidConfiguration;
+    cudaError_t err = cudaFuncSetAttribute(forward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           (int)FORWARD_SMEM);
+    if (err != cudaSuccess) return err;
+    forward_kernel<<<(unsigned)blocks, THREADS, FORWARD_SMEM, stream>>>(q, k, v, o, L, BH, Nq, Nk,
+                                                                         softmax_scale, causal);
+    return cudaGetLastError();
+}
+
+// Default mode: dq must be zeroed (the kernel adds into it). Deterministic mode: dq is
+// partial buffer 0, dq_partial holds buffers 1 .. P-1 ((P - 1) * BH * Nq * d floats,
+// P = dq_partials(Nk, causal); unused when P = 1), and dq_progress dq_progress_ints(BH, Nk)
+// ints (zeroed here). reversed_start, for the tests: the blocks take their tiles as if the
+// GPU started them in reverse order.
+cudaError_t backward(const float* dout, const float* q, const float* k, const float* v,
+                     const float* o, const float* L, float* D, float* dq, float* dq_partial,
+                     int* dq_progress, float* dk, float* dv, int64_t BH, int Nq, int Nk,
+                     float softmax_scale, bool causal, bool deterministic, bool reversed_start,
+                     cudaStream_t stream) {
+    if (BH == 0 || Nk == 0) return cudaSuccess;
+    const int Tc = cdiv(Nk, Bc);
+    const int P = dq_partials(Nk, causal);
+    if (BH * Tc > INT32_MAX) return cudaErrorInvalidConfiguration;
+    cudaError_t err = tutorial::backward_preprocess(dout, o, D, BH, Nq, stream);  // line 4
+    if (err != cudaSuccess) return err;
+    const auto kernel = deterministic ? backward_kernel<true> : backward_kernel<false>;
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)BACKWARD_SMEM);
+    if (err != cudaSuccess) return err;
+    if (deterministic) {
+        err = cudaMemsetAsync(dq_progress, 0, dq_progress_ints(BH, Nk) * sizeof(int), stream);
+        if (err != cudaSuccess) return err;
+    }
+    int* dq_taken = deterministic ? dq_progress + BH * Tc * WARPS : nullptr;
+    kernel<<<(unsigned)(BH * Tc), THREADS, BACKWARD_SMEM, stream>>>(
+        q, k, v, dout, L, D, dq, dq_partial, dq_progress, dq_taken, dk, dv, BH, Nq, Nk, P,
+        softmax_scale, causal, reversed_start);
+    err = cudaGetLastError();
+    if (err != cudaSuccess || !deterministic) return err;
+    return tutorial::sum_dq_partials(dq_partial, dq, BH, Nq, P, Br, causal, stream);
+}
+
 }  // namespace fast
 
-// -----------------------------------------------------------------------------
-// Host launchers (plain CUDA: pointers in, error code out; every launch is checked)
-// -----------------------------------------------------------------------------
-// All tensors are contiguous, float32 and 16-byte aligned; BH = B * H.
+// =============================================================================
+// Dispatch: the kernel family the caller chose (plain CUDA: pointers in, error code out)
+// =============================================================================
 
 enum class Kernel { fast, tutorial };
 
-// How many dQ partial buffers the deterministic backward uses: P = min(Tc, DQ_PARTIALS),
-// Tc = the number of key tiles (of 64 keys for the fast kernels, 16 for the tutorial ones);
-// 1 for the fast kernels when causal and Tc <= SINGLE_CHAIN. With P = 1 the buffer is dq
-// itself.
+// How many dQ partial buffers the deterministic backward uses (each part says why).
 int dq_partials(int Nk, Kernel kernel, bool causal) {
-    if (Nk == 0) return 0;
-    if (kernel == Kernel::tutorial) return std::min(cdiv(Nk, Bc), DQ_PARTIALS);
-    const int Tc = cdiv(Nk, fast::Bc);
-    return causal && Tc <= fast::SINGLE_CHAIN ? 1 : std::min(Tc, fast::DQ_PARTIALS);
+    return kernel == Kernel::tutorial ? tutorial::dq_partials(Nk) : fast::dq_partials(Nk, causal);
 }
 
-// How many ints the fast deterministic backward needs: a progress counter per warp of each
-// tile, then a flag per tile (taken by a block): Tc * BH * (4 + 1). The tutorial kernels
-// need none.
+// How many ints the deterministic backward needs besides the buffers (Part I: none).
 int64_t dq_progress_ints(int64_t BH, int Nk, Kernel kernel) {
-    return kernel == Kernel::fast ? cdiv(Nk, fast::Bc) * BH * (fast::WARPS + 1) : 0;
+    return kernel == Kernel::fast ? fast::dq_progress_ints(BH, Nk) : 0;
 }
-
-constexpr size_t FAST_FORWARD_SMEM = 5 * fast::TILE * sizeof(float);  // Q_i; K_j, V_j twice: 85 KB
-constexpr size_t FAST_BACKWARD_SMEM =                                  // K_j, V_j, dS, Q_i, dO_i; L_i, D_i: 85.5 KB
-    (5 * fast::TILE + 2 * fast::Br) * sizeof(float);
 
 cudaError_t forward(const float* q, const float* k, const float* v, float* o, float* L,
                     int64_t BH, int Nq, int Nk, float softmax_scale, bool causal, Kernel kernel,
                     cudaStream_t stream) {
-    if (BH == 0 || Nq == 0) return cudaSuccess;
-    if (kernel == Kernel::tutorial) {
-        const int64_t blocks = BH * cdiv(Nq, Br);
-        if (blocks > INT32_MAX) return cudaErrorInvalidConfiguration;
-        flash_forward_kernel<<<(unsigned)blocks, THREADS, 0, stream>>>(q, k, v, o, L, Nq, Nk,
-                                                                       softmax_scale, causal);
-        return cudaGetLastError();
-    }
-    const int64_t blocks = BH * cdiv(Nq, fast::Br);
-    if (blocks > INT32_MAX) return cudaErrorInvalidConfiguration;
-    cudaError_t err = cudaFuncSetAttribute(fast::forward_kernel,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           (int)FAST_FORWARD_SMEM);
-    if (err != cudaSuccess) return err;
-    fast::forward_kernel<<<(unsigned)blocks, fast::THREADS, FAST_FORWARD_SMEM, stream>>>(
-        q, k, v, o, L, BH, Nq, Nk, softmax_scale, causal);
-    return cudaGetLastError();
+    return kernel == Kernel::tutorial ? tutorial::forward(q, k, v, o, L, BH, Nq, Nk, softmax_scale, causal, stream)
+                                      : fast::forward(q, k, v, o, L, BH, Nq, Nk, softmax_scale, causal, stream);
 }
 
-// Default mode: dq must be zeroed (the kernels add into it). Deterministic mode: dq is
-// partial buffer 0, dq_partial holds buffers 1 .. P-1 ((P - 1) * BH * Nq * d floats, with
-// P = dq_partials(Nk, kernel, causal); unused when P = 1), and dq_progress
-// dq_progress_ints(BH, Nk, kernel) ints (zeroed here). reversed_start, for the tests: the
-// fast backward's blocks take their tiles as if the GPU started them in reverse order.
+// dq_progress: dq_progress_ints(BH, Nk, kernel) ints; reversed_start: see fast::backward.
 cudaError_t backward(const float* dout, const float* q, const float* k, const float* v,
                      const float* o, const float* L, float* D, float* dq, float* dq_partial,
                      int* dq_progress, float* dk, float* dv, int64_t BH, int Nq, int Nk,
                      float softmax_scale, bool causal, bool deterministic, Kernel kernel,
                      cudaStream_t stream, bool reversed_start = false) {
-    if (BH == 0 || Nk == 0) return cudaSuccess;
-    const int64_t Tr = cdiv(Nq, Br);
-    const int Tc = kernel == Kernel::fast ? cdiv(Nk, fast::Bc) : cdiv(Nk, Bc);
-    const int P = dq_partials(Nk, kernel, causal);
-    // The tutorial kernels' deterministic mode has P blocks per head, one per buffer.
-    const int slots = kernel == Kernel::tutorial && deterministic ? P : Tc;
-    if (BH * Tr > INT32_MAX || BH * slots > INT32_MAX) return cudaErrorInvalidConfiguration;
-    if (Nq > 0) {
-        flash_backward_preprocess<<<(unsigned)(BH * Tr), THREADS, 0, stream>>>(dout, o, D, Nq);
-        cudaError_t err = cudaGetLastError();
-        if (err != cudaSuccess) return err;
-    }
-    if (kernel == Kernel::tutorial) {
-        flash_backward_kernel<<<(unsigned)(BH * slots), THREADS, 0, stream>>>(
-            q, k, v, dout, L, D, dq, dq_partial, dk, dv, BH, Nq, Nk, slots, softmax_scale, causal,
-            deterministic);
-    } else {
-        const auto backward_kernel = deterministic ? fast::backward_kernel<true> : fast::backward_kernel<false>;
-        cudaError_t err = cudaFuncSetAttribute(backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               (int)FAST_BACKWARD_SMEM);
-        if (err != cudaSuccess) return err;
-        if (deterministic) {
-            err = cudaMemsetAsync(dq_progress, 0, dq_progress_ints(BH, Nk, kernel) * sizeof(int), stream);
-            if (err != cudaSuccess) return err;
-        }
-        int* dq_taken = deterministic ? dq_progress + BH * Tc * fast::WARPS : nullptr;
-        backward_kernel<<<(unsigned)(BH * slots), fast::THREADS, FAST_BACKWARD_SMEM, stream>>>(
-            q, k, v, dout, L, D, dq, dq_partial, dq_progress, dq_taken, dk, dv, BH, Nq, Nk, P,
-            softmax_scale, causal, reversed_start);
-    }
-    cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess || !deterministic || Nq == 0 || P == 1) return err;  // P = 1: dq is the buffer
-
-    const int64_t n4 = BH * Nq * d / 4;
-    const unsigned sum_blocks = (unsigned)std::min<int64_t>((n4 + THREADS - 1) / THREADS, 65536);
-    dq_partials_sum_kernel<<<sum_blocks, THREADS, 0, stream>>>(
-        reinterpret_cast<const float4*>(dq_partial), reinterpret_cast<float4*>(dq), n4, P, Nq,
-        kernel == Kernel::fast ? fast::Br : Br, causal);
-    return cudaGetLastError();
+    if (kernel == Kernel::tutorial)
+        return tutorial::backward(dout, q, k, v, o, L, D, dq, dq_partial, dk, dv, BH, Nq, Nk, softmax_scale,
+                                  causal, deterministic, stream);
+    return fast::backward(dout, q, k, v, o, L, D, dq, dq_partial, dq_progress, dk, dv, BH, Nq, Nk,
+                          softmax_scale, causal, deterministic, reversed_start, stream);
 }
 
 }  // namespace flash

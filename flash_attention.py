@@ -34,28 +34,21 @@ from torch import Tensor, nn
 __all__ = ["flash_attention", "FlashAttention"]
 
 HEAD_DIM = 64  # the only head dimension the kernels are built for
-Br = 16  # query rows in a tile of the reference and the tutorial kernels
-Bc = 16  # key/value rows in a tile of the reference and the tutorial kernels
+Br = 16  # query rows in a tile of the reference (and of Part I of flash_attention.cu)
+Bc = 16  # key/value rows in a tile
+DQ_PARTIALS = 16  # most dQ partial buffers of the reference's deterministic backward
 KERNELS = ("fast", "tutorial")  # the kernel families of flash_attention.cu; the first is the default
-KEY_TILE = {"fast": 64, "tutorial": Bc}  # keys in a tile of each kernel family
-DQ_PARTIALS = {"fast": 4, "tutorial": 16}  # most dQ partial buffers of the deterministic backward
-SINGLE_CHAIN = 16  # fast kernels, causal: up to this many key tiles, one buffer (dQ itself)
 
 
-def dq_partials(Nk: int, kernel: str = "tutorial", causal: bool = False) -> int:
-    """Number P of dQ partial buffers the deterministic backward uses: min(Tc, DQ_PARTIALS[kernel]),
-    and 1 for the fast kernels when causal and Tc <= SINGLE_CHAIN (Nk <= 1024).
+def dq_partials(Nk: int) -> int:
+    """Number P of dQ partial buffers of the reference's deterministic backward, as in Part I of
+    flash_attention.cu (kernel="tutorial"): P = min(Tc, DQ_PARTIALS), Tc = ceil(Nk / Bc) key tiles.
 
-    Tc = ceil(Nk / tile) is the number of key tiles: 64 keys for the fast kernels, 16 for
-    the tutorial kernels and the reference; at most 4 buffers for the fast kernels, 16 for
-    the others. P depends only on Nk, the kernel family and causal, not on B or H. Buffer 0
-    is dQ itself, so the deterministic backward's extra memory is (P - 1) * B * H * Nq * 64
-    float32 values (4 bytes each).
+    P depends only on Nk, not on B or H. Buffer 0 is dQ itself, so the extra memory is
+    (P - 1) * B * H * Nq * 64 float32 values. The fast kernels use fewer (README,
+    "Determinism"); their extension says how many: _extension().dq_partials(Nk, kernel, causal).
     """
-    Tc = math.ceil(Nk / KEY_TILE[kernel])
-    if kernel == "fast" and causal and 0 < Tc <= SINGLE_CHAIN:
-        return 1
-    return min(Tc, DQ_PARTIALS[kernel])
+    return min(math.ceil(Nk / Bc), DQ_PARTIALS)
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,11 +1,11 @@
-"""Shared helpers: float64 attention (the ground truth), random inputs, the GPU skip mark, a few SMs."""
+"""Shared helpers: float64 attention (the ground truth), random inputs, the GPU skip mark, a few SMs, bad inputs."""
 
 import math
 
 import pytest
 import torch
 
-from flash_attention import flash_attention
+from flash_attention import FlashAttention, flash_attention
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none found)")
 
@@ -78,3 +78,41 @@ def on_sms(num_sms, fn):
             context.pop_context()
     torch.cuda.synchronize()
     return result
+
+
+def bad_inputs(device):
+    """(what, call, exception, words its message must hold) for every kind of bad input, on device."""
+
+    def qkv(shape_q=(2, 2, 8, 64), shape_kv=(2, 2, 8, 64), dtype=torch.float32):
+        return [torch.randn(s, device=device).to(dtype) for s in (shape_q, shape_kv, shape_kv)]
+
+    other = "meta" if device == "cpu" else "cpu"  # a tensor on another device
+    return [
+        ("float64", lambda: flash_attention(*qkv(dtype=torch.float64)), TypeError, ["q", "torch.float64", "float32"]),
+        ("float16 v", lambda: flash_attention(*qkv()[:2], qkv(dtype=torch.float16)[2]), TypeError,
+         ["v", "torch.float16", "float32"]),
+        ("head_dim 32", lambda: flash_attention(*qkv((2, 2, 8, 32), (2, 2, 8, 32))), ValueError, ["head_dim 32", "64"]),
+        ("2-D", lambda: flash_attention(*qkv((8, 64), (8, 64))), ValueError, ["q", "(8, 64)", "2-D", "4-D"]),
+        ("5-D", lambda: flash_attention(*qkv((1, 2, 2, 8, 64), (1, 2, 2, 8, 64))), ValueError, ["5-D", "3-D"]),
+        ("ranks differ", lambda: flash_attention(qkv((2, 8, 64))[0], *qkv()[1:]), ValueError, ["same rank"]),
+        ("k, v shapes", lambda: flash_attention(*qkv()[:2], qkv((2, 2, 9, 64))[0]), ValueError,
+         ["k (2, 2, 8, 64)", "v (2, 2, 9, 64)"]),
+        ("batch mismatch", lambda: flash_attention(*qkv((3, 2, 8, 64))), ValueError, ["batch", "q (3, 2, 8, 64)"]),
+        ("heads mismatch", lambda: flash_attention(*qkv((2, 4, 8, 64))), ValueError, ["head", "k (2, 2, 8, 64)"]),
+        ("Nk = 0", lambda: flash_attention(*qkv(shape_kv=(2, 2, 0, 64))), ValueError, ["Nk = 0", "Nk >= 1"]),
+        ("not a tensor", lambda: flash_attention([[1.0]], *qkv()[1:]), TypeError, ["q", "list"]),
+        ("device mix", lambda: flash_attention(*qkv()[:2], torch.randn(2, 2, 8, 64, device=other)), ValueError,
+         ["v", other]),
+        ("causal", lambda: flash_attention(*qkv(), causal="yes"), TypeError, ["causal", "'yes'"]),
+        ("scale NaN", lambda: flash_attention(*qkv(), softmax_scale=float("nan")), ValueError, ["softmax_scale", "nan"]),
+        ("scale str", lambda: flash_attention(*qkv(), softmax_scale="0.1"), TypeError,
+         ["softmax_scale", "'0.1'", "str"]),
+        ("scale inf", lambda: flash_attention(*qkv(), softmax_scale=math.inf), ValueError, ["softmax_scale", "inf"]),
+        ("deterministic", lambda: flash_attention(*qkv(), deterministic=1), TypeError, ["deterministic", "1"]),
+        ("kernel", lambda: flash_attention(*qkv(), kernel="turbo"), ValueError,
+         ["kernel", "'turbo'", "fast", "tutorial"]),
+        ("kernel type", lambda: flash_attention(*qkv(), kernel=1), TypeError, ["kernel", "string", "1"]),
+        ("module head_dim", lambda: FlashAttention(head_dim=128), ValueError, ["head_dim", "64", "128"]),
+        ("module head_dim type", lambda: FlashAttention(head_dim="64"), TypeError, ["head_dim", "int", "'64'"]),
+        ("module causal", lambda: FlashAttention(causal=None), TypeError, ["causal", "None"]),
+    ]
