@@ -206,6 +206,18 @@ def test_batch_that_does_not_split_over_the_processes_is_refused_once(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_more_processes_than_gpus_end_with_one_line(tmp_path):
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has a GPU for each of the 2 processes")
+    result = torchrun(*SMALL, "--device", "cuda", "--steps", "3", "--out", str(tmp_path / "out"), timeout=300)
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if line.startswith("example_training.py:")]
+    assert len(ours) == 1 and "--device cuda" in ours[0], result.stderr
+    if torch.cuda.device_count() == 1:  # no GPU at all: "no CUDA GPU is available"
+        assert "2 processes" in ours[0] and "1 GPU(s)" in ours[0], ours[0]
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_failing_process_says_so_in_one_line_and_nothing_hangs(tmp_path):
     result = torchrun(*SMALL, "--steps", "100", "--out", str(tmp_path / "out"), timeout=300,
                       script=ROOT / "tests" / "failing_process.py")
