@@ -68,12 +68,39 @@ __device__ __forceinline__ bool masked(int row, int col, int Nk, bool causal) {
     return col >= Nk || above_diagonal(row, col, causal);
 }
 
+// The rows of one head's (N, d) matrix: row n starts at start + n * stride, and its d
+// floats are contiguous.
+template <typename T>
+struct Rows {
+    T* start;
+    int stride;
+    __device__ __forceinline__ T* operator[](int n) const { return start + (int64_t)n * stride; }
+};
+
+// A (B, H, N, d) tensor as the kernels read it: row n of head bh = b * H + h starts at
+// data + b * batch_stride + h * head_stride + n * row_stride. A contiguous tensor has the
+// strides (H N d, N d, d); a slice of a packed qkv tensor, a (B, N, H, d) layout and a
+// broadcast dimension (stride 0) are read where they are, without a copy.
+template <typename T>
+struct Tensor4 {
+    T* data;
+    int64_t batch_stride, head_stride;
+    int row_stride, H;
+    __device__ __forceinline__ Rows<T> head(int64_t bh) const {
+        const int b = (int)bh / H, h = (int)bh % H;  // bh < 2^31: the grids are smaller
+        return {data + b * batch_stride + h * head_stride, row_stride};
+    }
+};
+using In = Tensor4<const float>;  // the launchers' names for inputs and outputs
+using Out = Tensor4<float>;
+
 // Where a backward block writes its dQ shares for head bh: partial buffer p of the
 // deterministic mode. Buffer 0 is dQ itself, which is also where the default mode adds;
-// buffers 1 .. P-1 lie in dQ_partial, (P - 1, B * H, Nq, d).
-__device__ __forceinline__ float* dq_buffer(float* dQ, float* dQ_partial, int p, int64_t bh,
-                                            int64_t BH, int Nq) {
-    return p == 0 ? dQ + bh * Nq * d : dQ_partial + ((p - 1) * BH + bh) * Nq * d;
+// buffers 1 .. P-1 lie in dQ_partial, each B * H * Nq * d floats laid out as dQ.
+__device__ __forceinline__ Rows<float> dq_buffer(Tensor4<float> dQ, float* dQ_partial, int p, int64_t bh,
+                                                 int64_t BH, int Nq) {
+    if (p > 0) dQ.data = dQ_partial + (p - 1) * BH * Nq * d;
+    return dQ.head(bh);
 }
 
 namespace tutorial {
@@ -96,13 +123,13 @@ static_assert(STRIDE % 4 == 0, "rows of a shared tile must stay 16-byte aligned"
 __device__ __forceinline__ int tile_row() { return threadIdx.x / LANES_PER_ROW; }
 __device__ __forceinline__ int tile_lane() { return threadIdx.x % LANES_PER_ROW; }
 
-// Copy rows row0 .. row0 + 15 of an (N, d) row-major matrix into a shared tile.
+// Copy rows row0 .. row0 + 15 of an (N, d) matrix into a shared tile.
 // Rows past the end of the matrix (the last, partial tile) are filled with zeros.
-__device__ __forceinline__ void load_tile(float (*tile)[STRIDE], const float* src,
+__device__ __forceinline__ void load_tile(float (*tile)[STRIDE], Rows<const float> src,
                                           int row0, int N) {
     const int r = tile_row(), c = 4 * tile_lane();
     float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (row0 + r < N) x = *reinterpret_cast<const float4*>(src + (int64_t)(row0 + r) * d + c);
+    if (row0 + r < N) x = *reinterpret_cast<const float4*>(src[row0 + r] + c);
     *reinterpret_cast<float4*>(&tile[r][c]) = x;
 }
 
@@ -162,11 +189,11 @@ __device__ __forceinline__ void fma4(float4& acc, float a, const float4& x) {
 //   lines 12-15 (O_i /= l_i, L_i = m_i + log(l_i), write O_i, L_i): after the loop; L_i
 //                                         is the logsumexp the backward uses.
 __global__ void __launch_bounds__(THREADS)
-forward_kernel(const float* __restrict__ Q,  // (B, H, Nq, d)
-               const float* __restrict__ K,  // (B, H, Nk, d)
-               const float* __restrict__ V,  // (B, H, Nk, d)
-               float* __restrict__ O,        // (B, H, Nq, d)
-               float* __restrict__ L,        // (B, H, Nq)
+forward_kernel(Tensor4<const float> q,     // (B, H, Nq, d)
+               Tensor4<const float> k,     // (B, H, Nk, d)
+               Tensor4<const float> v,     // (B, H, Nk, d)
+               Tensor4<float> o,           // (B, H, Nq, d)
+               float* __restrict__ L,      // (B, H, Nq), contiguous
                int Nq, int Nk, float softmax_scale, bool causal) {
     __shared__ __align__(16) float Q_i[Br][STRIDE];
     __shared__ __align__(16) float K_j[Bc][STRIDE];
@@ -175,10 +202,8 @@ forward_kernel(const float* __restrict__ Q,  // (B, H, Nq, d)
     const int Tr = cdiv(Nq, Br), Tc = cdiv(Nk, Bc);
     const int i = blockIdx.x % Tr;          // query tile
     const int64_t bh = blockIdx.x / Tr;     // batch * H + head
-    Q += bh * Nq * d;
-    K += bh * Nk * d;
-    V += bh * Nk * d;
-    O += bh * Nq * d;
+    const Rows<const float> Q = q.head(bh), K = k.head(bh), V = v.head(bh);  // this head's matrices
+    const Rows<float> O = o.head(bh);
     L += bh * Nq;
 
     const int r = tile_row(), c = tile_lane();
@@ -224,20 +249,23 @@ forward_kernel(const float* __restrict__ Q,  // (B, H, Nq, d)
     // lines 12-15: O_i / l_i and L_i = m_i + log(l_i), written for the rows that exist
     if (row < Nq) {
         const float inv_l = 1.f / l_i;
-        *reinterpret_cast<float4*>(O + (int64_t)row * d + 4 * c) =
+        *reinterpret_cast<float4*>(O[row] + 4 * c) =
             make_float4(acc.x * inv_l, acc.y * inv_l, acc.z * inv_l, acc.w * inv_l);
         if (c == 0) L[row] = m_i + logf(l_i);
     }
 }
 
 // -----------------------------------------------------------------------------
-// Backward preprocess: D = rowsum(dO * O)   (Alg. 2 line 4)
+// Backward preprocess: D = rowsum(dO * O) (Alg. 2 line 4), and dQ = 0 (line 3)
 // -----------------------------------------------------------------------------
-// One block per (batch * head, query tile); each half-warp reduces one row.
+// One block per (batch * head, query tile); each half-warp reduces one row. In the default
+// mode, where the backward adds into dQ, the same threads zero it (dq.data is null in the
+// deterministic mode, where the first writer of each buffer stores).
 __global__ void __launch_bounds__(THREADS)
-preprocess_kernel(const float* __restrict__ dO,  // (B, H, Nq, d)
-                  const float* __restrict__ O,   // (B, H, Nq, d)
-                  float* __restrict__ D,         // (B, H, Nq)
+preprocess_kernel(Tensor4<const float> dout,  // (B, H, Nq, d)
+                  Tensor4<const float> o,     // (B, H, Nq, d)
+                  float* __restrict__ D,      // (B, H, Nq), contiguous
+                  Tensor4<float> dq,          // (B, H, Nq, d), or data null
                   int Nq) {
     const int Tr = cdiv(Nq, Br);
     const int i = blockIdx.x % Tr;
@@ -247,10 +275,10 @@ preprocess_kernel(const float* __restrict__ dO,  // (B, H, Nq, d)
 
     float partial = 0.f;
     if (row < Nq) {
-        const int64_t offset = (bh * Nq + row) * d + 4 * c;
-        const float4 x = *reinterpret_cast<const float4*>(dO + offset);
-        const float4 y = *reinterpret_cast<const float4*>(O + offset);
+        const float4 x = *reinterpret_cast<const float4*>(dout.head(bh)[row] + 4 * c);
+        const float4 y = *reinterpret_cast<const float4*>(o.head(bh)[row] + 4 * c);
         partial = x.x * y.x + x.y * y.y + x.z * y.z + x.w * y.w;
+        if (dq.data) *reinterpret_cast<float4*>(dq.head(bh)[row] + 4 * c) = make_float4(0.f, 0.f, 0.f, 0.f);
     }
     const float sum = row_sum(partial);     // every lane takes part in the shuffle
     if (row < Nq && c == 0) D[bh * Nq + row] = sum;
@@ -262,7 +290,7 @@ preprocess_kernel(const float* __restrict__ dO,  // (B, H, Nq, d)
 // grid = B * H * slots blocks. Block `slot` of a head handles key tiles j = slot,
 // slot + slots, ...: slots = Tc by default (one key tile per block), and
 // slots = P = min(Tc, DQ_PARTIALS) in the deterministic mode.
-//   Alg. 2 lines 1-3 (split into tiles; dQ = 0)   : the indexing; dQ zeroed by the caller
+//   Alg. 2 lines 1-3 (split into tiles; dQ = 0)   : the indexing; dQ zeroed by preprocess_kernel
 //   line 4  (D = rowsum(dO * O))              : preprocess_kernel, before this kernel
 //   line 5  (for 1 <= j <= Tc)                : the j loop; load K_j, V_j (line 6)
 //   line 7  (dK_j = 0, dV_j = 0)              : dK_acc, dV_acc in registers
@@ -282,16 +310,16 @@ preprocess_kernel(const float* __restrict__ dO,  // (B, H, Nq, d)
 // Thread (r, c) owns, besides S_ij[r][c], the columns 4c .. 4c+3 of row r of dK_j and dV_j
 // (key j * Bc + r) and of row r of dQ_i (query i * Br + r).
 __global__ void __launch_bounds__(THREADS)
-backward_kernel(const float* __restrict__ Q,   // (B, H, Nq, d)
-                const float* __restrict__ K,   // (B, H, Nk, d)
-                const float* __restrict__ V,   // (B, H, Nk, d)
-                const float* __restrict__ dO,  // (B, H, Nq, d)
-                const float* __restrict__ L,   // (B, H, Nq)
-                const float* __restrict__ D,   // (B, H, Nq)
-                float* __restrict__ dQ,        // (B, H, Nq, d), zeroed (default mode)
-                float* __restrict__ dQ_partial,// (P - 1, B, H, Nq, d): buffers 1 .. P-1
-                float* __restrict__ dK,        // (B, H, Nk, d)
-                float* __restrict__ dV,        // (B, H, Nk, d)
+backward_kernel(Tensor4<const float> q,        // (B, H, Nq, d)
+                Tensor4<const float> k,        // (B, H, Nk, d)
+                Tensor4<const float> v,        // (B, H, Nk, d)
+                Tensor4<const float> dout,     // (B, H, Nq, d)
+                const float* __restrict__ L,   // (B, H, Nq), contiguous
+                const float* __restrict__ D,   // (B, H, Nq), contiguous
+                Tensor4<float> dq,             // (B, H, Nq, d), zeroed (default mode)
+                float* __restrict__ dQ_partial,// buffers 1 .. P-1, laid out as dq
+                Tensor4<float> dk,             // (B, H, Nk, d)
+                Tensor4<float> dv,             // (B, H, Nk, d)
                 int64_t BH, int Nq, int Nk, int slots, float softmax_scale, bool causal,
                 bool deterministic) {
     __shared__ __align__(16) float Q_i[Br][STRIDE];
@@ -305,16 +333,12 @@ backward_kernel(const float* __restrict__ Q,   // (B, H, Nq, d)
     const int Tr = cdiv(Nq, Br), Tc = cdiv(Nk, Bc);
     const int slot = blockIdx.x % slots;
     const int64_t bh = blockIdx.x / slots;
-    Q += bh * Nq * d;
-    K += bh * Nk * d;
-    V += bh * Nk * d;
-    dO += bh * Nq * d;
+    const Rows<const float> Q = q.head(bh), K = k.head(bh), V = v.head(bh), dO = dout.head(bh);
+    const Rows<float> dK = dk.head(bh), dV = dv.head(bh);
     L += bh * Nq;
     D += bh * Nq;
-    dK += bh * Nk * d;
-    dV += bh * Nk * d;
     // Where this block adds dQ: atomically into dQ, or into its own partial buffer.
-    float* dQ_out = dq_buffer(dQ, dQ_partial, deterministic ? slot : 0, bh, BH, Nq);
+    const Rows<float> dQ_out = dq_buffer(dq, dQ_partial, deterministic ? slot : 0, bh, BH, Nq);
 
     const int r = tile_row(), c = tile_lane();
 
@@ -364,7 +388,7 @@ backward_kernel(const float* __restrict__ Q,   // (B, H, Nq, d)
                 if (!above_diagonal(row, j * Bc + k, causal))
                     fma4(dq, dS_ij[r][k], *reinterpret_cast<const float4*>(&K_j[k][4 * c]));
             if (row < Nq) {
-                float* out = dQ_out + (int64_t)row * d + 4 * c;
+                float* out = dQ_out[row] + 4 * c;
                 if (deterministic) {
                     // Only this block writes this buffer, and only this thread this float4:
                     // a plain store in its first round (j = slot), which wrote every query
@@ -385,10 +409,10 @@ backward_kernel(const float* __restrict__ Q,   // (B, H, Nq, d)
         // line 18: write dK_j, dV_j (zero for keys that no query sees)
         const int key = j * Bc + r;
         if (key < Nk) {
-            *reinterpret_cast<float4*>(dK + (int64_t)key * d + 4 * c) =
+            *reinterpret_cast<float4*>(dK[key] + 4 * c) =
                 make_float4(softmax_scale * dK_acc.x, softmax_scale * dK_acc.y,
                             softmax_scale * dK_acc.z, softmax_scale * dK_acc.w);
-            *reinterpret_cast<float4*>(dV + (int64_t)key * d + 4 * c) = dV_acc;
+            *reinterpret_cast<float4*>(dV[key] + 4 * c) = dV_acc;
         }
     }
 }
@@ -400,7 +424,7 @@ __device__ __forceinline__ void discard_l2_line(const void* p) {
 }
 
 // Deterministic mode: dQ = buffer 0 + buffer 1 + ... + buffer P-1, in that order; buffer 0 is
-// dQ itself, buffers 1 .. P-1 are dQ_partial[0 .. P-2].
+// dQ itself, buffers 1 .. P-1 are dQ_partial[0 .. P-2], each laid out as dQ.
 // Block p's first key tile is j = p, and in that round it stores its share of every query tile
 // it reaches: all of them, or, causal, the tiles i >= p (as Br = Bc, the queries of tile i see
 // no key of a tile j > i). So a row of query tile i sums the partials 0 .. P - 1, or, causal,
@@ -408,43 +432,47 @@ __device__ __forceinline__ void discard_l2_line(const void* p) {
 // The partial buffers are dead once summed, but many of their lines, just written, are still
 // in L2, which would write them back to DRAM later (up to P - 1 copies of dQ). discard.global.L2
 // drops a 128-byte line without writing it back: the first of the 8 threads that read a line
-// (float4 each, all of one row) discards it once all 8 are done. About 2% of the
-// deterministic backward at N = 1024 (benchmarks/NOTES.md).
-__global__ void dq_sum_kernel(const float4* __restrict__ dQ_partial,  // (P - 1, n4)
-                              float4* __restrict__ dQ,                // (n4): buffer 0
-                              int64_t n4, int P, int Nq, int tile_rows, bool causal) {
+// (float4 each, of one row; dQ's rows start 256-byte aligned) discards it once all 8 are
+// done. About 2% of the deterministic backward at N = 1024 (benchmarks/NOTES.md).
+__global__ void dq_sum_kernel(const float* __restrict__ dQ_partial,  // (P - 1) buffers, laid out as dq
+                              Tensor4<float> dq,                     // buffer 0
+                              int64_t BH, int P, int Nq, int tile_rows, bool causal) {
+    const int64_t n4 = BH * Nq * (d / 4), buffer = BH * Nq * d;  // float4s to sum; floats in a buffer
     const int64_t stride = (int64_t)gridDim.x * blockDim.x;
-    const bool whole_lines = reinterpret_cast<uintptr_t>(dQ_partial) % 128 == 0;  // n4 % 8 == 0
     // The loop runs over the block's first index, so that every lane of a warp takes each
     // turn (and meets __syncwarp) whether or not its own index is in range.
     for (int64_t first = (int64_t)blockIdx.x * blockDim.x; first < n4; first += stride) {
-        const int64_t idx = first + threadIdx.x;
-        const int row = (int)(idx / (d / 4) % Nq);
+        const int64_t idx = first + threadIdx.x;    // float4 c4 of row `row` of head bh
+        const int c4 = (int)(idx % (d / 4)), row = (int)(idx / (d / 4) % Nq);
         const int parts = idx >= n4 ? 0 : causal ? min(P, row / tile_rows + 1) : P;
+        float* const out = dq.head(idx / (d / 4) / Nq)[row] + 4 * c4;
+        const int64_t at = out - dq.data;           // the same place in every buffer
         if (parts > 0) {
-            float4 sum = dQ[idx];
+            float4 sum = *reinterpret_cast<float4*>(out);
             for (int p = 1; p < parts; ++p) {
-                const float4 x = dQ_partial[(p - 1) * n4 + idx];
+                const float4 x = *reinterpret_cast<const float4*>(dQ_partial + (p - 1) * buffer + at);
                 sum.x += x.x; sum.y += x.y; sum.z += x.z; sum.w += x.w;
             }
-            dQ[idx] = sum;
+            *reinterpret_cast<float4*>(out) = sum;
         }
         __syncwarp();  // the 8 threads of each line have read it
-        if (whole_lines && idx % 8 == 0)
-            for (int p = 1; p < parts; ++p) discard_l2_line(dQ_partial + (p - 1) * n4 + idx);
+        if (c4 % 8 == 0)
+            for (int p = 1; p < parts; ++p) discard_l2_line(dQ_partial + (p - 1) * buffer + at);
     }
 }
 
 // -----------------------------------------------------------------------------
 // Launchers (plain CUDA: pointers in, error code out; every launch is checked)
 // -----------------------------------------------------------------------------
-// All tensors are contiguous, float32 and 16-byte aligned; BH = B * H.
+// All tensors are float32; the rows of q, k, v, dout, o, dq, dk, dv are 16-byte aligned
+// (their strides multiples of 4 floats); L, D and the partial buffers are contiguous, and dq
+// is dense (its rows 256-byte aligned), as the binding allocates it; BH = B * H.
 
 // How many dQ partial buffers the deterministic backward uses: P = min(Tc, DQ_PARTIALS).
 int dq_partials(int Nk) { return Nk == 0 ? 0 : std::min(cdiv(Nk, Bc), DQ_PARTIALS); }
 
-cudaError_t forward(const float* q, const float* k, const float* v, float* o, float* L,
-                    int64_t BH, int Nq, int Nk, float softmax_scale, bool causal, cudaStream_t stream) {
+cudaError_t forward(In q, In k, In v, Out o, float* L, int64_t BH, int Nq, int Nk, float softmax_scale,
+                    bool causal, cudaStream_t stream) {
     const int64_t blocks = BH * cdiv(Nq, Br);
     if (blocks == 0) return cudaSuccess;
     if (blocks > INT32_MAX) return cudaErrorInvalidConfiguration;
@@ -452,41 +480,40 @@ cudaError_t forward(const float* q, const float* k, const float* v, float* o, fl
     return cudaGetLastError();
 }
 
-// Alg. 2 line 4 for every part: D = rowsum(dO * O).
-cudaError_t backward_preprocess(const float* dout, const float* o, float* D, int64_t BH, int Nq,
-                                cudaStream_t stream) {
+// Alg. 2 line 4 for every part: D = rowsum(dO * O); and line 3, dq = 0, unless dq.data is null.
+cudaError_t backward_preprocess(In dout, In o, float* D, Out dq, int64_t BH, int Nq, cudaStream_t stream) {
     const int64_t blocks = BH * cdiv(Nq, Br);
     if (blocks == 0) return cudaSuccess;
     if (blocks > INT32_MAX) return cudaErrorInvalidConfiguration;
-    preprocess_kernel<<<(unsigned)blocks, THREADS, 0, stream>>>(dout, o, D, Nq);
+    preprocess_kernel<<<(unsigned)blocks, THREADS, 0, stream>>>(dout, o, D, dq, Nq);
     return cudaGetLastError();
 }
 
 // The deterministic mode's last step, for every part: dq += buffers 1 .. P-1 of dq_partial,
 // in that order. tile_rows: the query rows of the part's tiles (causal: which buffers a
 // query row received).
-cudaError_t sum_dq_partials(const float* dq_partial, float* dq, int64_t BH, int Nq, int P,
+cudaError_t sum_dq_partials(const float* dq_partial, Out dq, int64_t BH, int Nq, int P,
                             int tile_rows, bool causal, cudaStream_t stream) {
     if (BH == 0 || Nq == 0 || P <= 1) return cudaSuccess;  // P = 1: dq is the only buffer
     const int64_t n4 = BH * Nq * d / 4;
     const unsigned blocks = (unsigned)std::min<int64_t>((n4 + THREADS - 1) / THREADS, 65536);
-    dq_sum_kernel<<<blocks, THREADS, 0, stream>>>(reinterpret_cast<const float4*>(dq_partial),
-                                                  reinterpret_cast<float4*>(dq), n4, P, Nq, tile_rows, causal);
+    dq_sum_kernel<<<blocks, THREADS, 0, stream>>>(dq_partial, dq, BH, P, Nq, tile_rows, causal);
     return cudaGetLastError();
 }
 
-// Default mode: dq must be zeroed (the kernel adds into it). Deterministic mode: dq is
-// partial buffer 0, dq_partial holds buffers 1 .. P-1 ((P - 1) * BH * Nq * d floats,
+// Default mode: the preprocess zeroes dq, and the kernel adds into it. Deterministic mode:
+// dq is partial buffer 0, dq_partial holds buffers 1 .. P-1 ((P - 1) * BH * Nq * d floats,
 // P = dq_partials(Nk); unused when P = 1).
-cudaError_t backward(const float* dout, const float* q, const float* k, const float* v,
-                     const float* o, const float* L, float* D, float* dq, float* dq_partial,
-                     float* dk, float* dv, int64_t BH, int Nq, int Nk, float softmax_scale,
-                     bool causal, bool deterministic, cudaStream_t stream) {
+cudaError_t backward(In dout, In q, In k, In v, In o, const float* L, float* D, Out dq, float* dq_partial,
+                     Out dk, Out dv, int64_t BH, int Nq, int Nk, float softmax_scale, bool causal,
+                     bool deterministic, cudaStream_t stream) {
     if (BH == 0 || Nk == 0) return cudaSuccess;
     const int P = dq_partials(Nk);
     const int slots = deterministic ? P : cdiv(Nk, Bc);  // deterministic: a block per buffer
     if (BH * slots > INT32_MAX) return cudaErrorInvalidConfiguration;
-    cudaError_t err = backward_preprocess(dout, o, D, BH, Nq, stream);
+    Out zeroed = dq;
+    if (deterministic) zeroed.data = nullptr;
+    cudaError_t err = backward_preprocess(dout, o, D, zeroed, BH, Nq, stream);
     if (err != cudaSuccess) return err;
     backward_kernel<<<(unsigned)(BH * slots), THREADS, 0, stream>>>(
         q, k, v, dout, L, D, dq, dq_partial, dk, dv, BH, Nq, Nk, slots, softmax_scale, causal, deterministic);
@@ -593,14 +620,15 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
 // Start copying rows row0 .. row0 + 63 of an (N, d) matrix into a tile; rows past N are zeros.
-__device__ __forceinline__ void load_tile_async(float* tile, const float* src, int row0, int N) {
+__device__ __forceinline__ void load_tile_async(float* tile, Rows<const float> src, int row0, int N) {
+    const int r0 = threadIdx.x / 16, c = 4 * (threadIdx.x % 16);  // rows r0, r0 + 8, ..., r0 + 56
+    const float* from = src[row0 + r0] + c;
+    const int64_t step = (int64_t)(THREADS / 16) * src.stride;
 #pragma unroll
-    for (int idx = threadIdx.x; idx < 64 * 16; idx += THREADS) {
-        const int r = idx / 16, c = 4 * (idx % 16);
+    for (int r = r0; r < 64; r += THREADS / 16, from += step) {
         const bool inside = row0 + r < N;
-        const float* from = src + (int64_t)(inside ? row0 + r : 0) * d + c;
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
-                     :: "r"(smem_addr(tile + at(r, c))), "l"(from), "r"(inside ? 16 : 0));
+                     :: "r"(smem_addr(tile + at(r, c))), "l"(inside ? from : src.start + c), "r"(inside ? 16 : 0));
     }
 }
 // Start copying x[row0 .. row0 + 63] (one float per row, zeros past N) into v[0 .. 63].
@@ -867,9 +895,8 @@ __device__ __forceinline__ void add_nonfinite_pv(float (&O_i)[8][4], const float
 }
 
 __global__ void __launch_bounds__(THREADS)
-forward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const float* __restrict__ V,
-               float* __restrict__ O, float* __restrict__ L, int64_t BH, int Nq, int Nk,
-               float softmax_scale, bool causal) {
+forward_kernel(Tensor4<const float> q, Tensor4<const float> k, Tensor4<const float> v, Tensor4<float> o,
+               float* __restrict__ L, int64_t BH, int Nq, int Nk, float softmax_scale, bool causal) {
     extern __shared__ __align__(16) float smem[];
     float* Q_i = smem;
     // Two stages of K_j, V_j: stage st holds K_j at smem + (1 + 2 st) TILE, V_j right after.
@@ -879,10 +906,7 @@ forward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const f
     const int Tr = cdiv(Nq, Br), Tc = cdiv(Nk, Bc);
     const int i = Tr - 1 - (int)(blockIdx.x / BH);  // query tile
     const int64_t bh = blockIdx.x % BH;
-    Q += bh * Nq * d;
-    K += bh * Nk * d;
-    V += bh * Nk * d;
-    O += bh * Nq * d;
+    const Rows<const float> Q = q.head(bh), K = k.head(bh), V = v.head(bh);  // this head's matrices
     L += bh * Nq;
 
     const int w = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
@@ -935,7 +959,7 @@ forward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const f
         const float inv_l = 1.f / l_row;
 #pragma unroll
         for (int nb = 0; nb < 8; ++nb)
-            *reinterpret_cast<float2*>(O + (int64_t)row * d + 8 * nb + 2 * t) =
+            *reinterpret_cast<float2*>(o.head(bh)[row] + 8 * nb + 2 * t) =
                 make_float2(O_i[nb][2 * h] * inv_l, O_i[nb][2 * h + 1] * inv_l);
         if (t == 0) L[row] = m_i[h] / LOG2E + logf(l_row);
     }
@@ -1087,7 +1111,7 @@ __device__ __forceinline__ void dk_dv_phase(float (&dK_j)[8][4], float (&dV_j)[8
 // deterministic, in its turn: stored by the buffer's first writer, added by the others
 // (atomically, but alone).
 template <bool edge>
-__device__ __forceinline__ void dq_phase(float* dQ_out, const BackwardTiles& tiles, int i, int j, int n, int Nq,
+__device__ __forceinline__ void dq_phase(Rows<float> dQ_out, const BackwardTiles& tiles, int i, int j, int n, int Nq,
                                          bool causal, float softmax_scale, bool store, WriteOrder& order) {
     const int w = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4, r0 = MMA_M * w;
     const bool diagonal = edge && causal && i == j;
@@ -1107,7 +1131,7 @@ __device__ __forceinline__ void dq_phase(float* dQ_out, const BackwardTiles& til
         if (edge && row >= Nq) continue;
 #pragma unroll
         for (int nb = 0; nb < 8; ++nb) {
-            float2* out = reinterpret_cast<float2*>(dQ_out + (int64_t)row * d + 8 * nb + 2 * t);
+            float2* out = reinterpret_cast<float2*>(dQ_out[row] + 8 * nb + 2 * t);
             const float2 x = make_float2(softmax_scale * dQ_share[nb][2 * h], softmax_scale * dQ_share[nb][2 * h + 1]);
             if (store) *out = x;
             else atomic_add2(out, x);
@@ -1116,7 +1140,7 @@ __device__ __forceinline__ void dq_phase(float* dQ_out, const BackwardTiles& til
 }
 
 // line 18: write dK_j (times the scale, once) and dV_j; zero for keys no query sees.
-__device__ __forceinline__ void write_dk_dv(float* dK, float* dV, const float (&dK_j)[8][4], const float (&dV_j)[8][4],
+__device__ __forceinline__ void write_dk_dv(Rows<float> dK, Rows<float> dV, const float (&dK_j)[8][4], const float (&dV_j)[8][4],
                                             int j, int Nk, float softmax_scale) {
     const int r0 = MMA_M * (threadIdx.x / 32), g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
 #pragma unroll
@@ -1125,38 +1149,32 @@ __device__ __forceinline__ void write_dk_dv(float* dK, float* dV, const float (&
         if (key >= Nk) continue;
 #pragma unroll
         for (int nb = 0; nb < 8; ++nb) {
-            const int64_t off = (int64_t)key * d + 8 * nb + 2 * t;
-            *reinterpret_cast<float2*>(dK + off) =
+            *reinterpret_cast<float2*>(dK[key] + 8 * nb + 2 * t) =
                 make_float2(softmax_scale * dK_j[nb][2 * h], softmax_scale * dK_j[nb][2 * h + 1]);
-            *reinterpret_cast<float2*>(dV + off) = make_float2(dV_j[nb][2 * h], dV_j[nb][2 * h + 1]);
+            *reinterpret_cast<float2*>(dV[key] + 8 * nb + 2 * t) = make_float2(dV_j[nb][2 * h], dV_j[nb][2 * h + 1]);
         }
     }
 }
 
 // Lines 6-18 for key tile j of head bh, tile = j * BH + bh: the work of one block.
 __device__ __forceinline__ void backward_key_tile(
-        const float* __restrict__ Q, const float* __restrict__ K, const float* __restrict__ V,
-        const float* __restrict__ dO, const float* __restrict__ L, const float* __restrict__ D,
-        float* __restrict__ dQ, float* __restrict__ dQ_partial, int* __restrict__ dQ_progress,
-        float* __restrict__ dK, float* __restrict__ dV, int64_t BH, int Nq, int Nk, int P,
-        float softmax_scale, bool causal, bool deterministic, float* smem, int64_t tile) {
+        Tensor4<const float> q, Tensor4<const float> k, Tensor4<const float> v, Tensor4<const float> dout,
+        const float* __restrict__ L, const float* __restrict__ D, Tensor4<float> dq,
+        float* __restrict__ dQ_partial, int* __restrict__ dQ_progress, Tensor4<float> dk, Tensor4<float> dv,
+        int64_t BH, int Nq, int Nk, int P, float softmax_scale, bool causal, bool deterministic, float* smem,
+        int tile) {
     const BackwardTiles tiles{smem, smem + TILE, smem + 2 * TILE, smem + 3 * TILE, smem + 4 * TILE,
                               smem + 5 * TILE, smem + 5 * TILE + Br};
     const int Tr = cdiv(Nq, Br);
-    const int j = (int)(tile / BH);                 // line 5: the key tile
-    const int64_t bh = tile % BH;
-    Q += bh * Nq * d;
-    K += bh * Nk * d;
-    V += bh * Nk * d;
-    dO += bh * Nq * d;
+    const int j = tile / (int)BH;                   // line 5: the key tile (the grid is below 2^31 blocks)
+    const int bh = tile % (int)BH;
+    const Rows<const float> Q = q.head(bh), K = k.head(bh), V = v.head(bh), dO = dout.head(bh);
     L += bh * Nq;
     D += bh * Nq;
-    dK += bh * Nk * d;
-    dV += bh * Nk * d;
-    float* dQ_out = dq_buffer(dQ, dQ_partial, deterministic ? j % P : 0, bh, BH, Nq);
+    const Rows<float> dQ_out = dq_buffer(dq, dQ_partial, deterministic ? j % P : 0, bh, BH, Nq);
     WriteOrder order;                               // deterministic: this warp's counter, tile j - P's
     if (deterministic) {
-        order.mine = dQ_progress + tile * WARPS + threadIdx.x / 32;
+        order.mine = dQ_progress + (int64_t)tile * WARPS + threadIdx.x / 32;
         if (j >= P) order.previous = order.mine - P * BH * WARPS;
     }
     const float scale_log2 = softmax_scale * LOG2E;
@@ -1206,7 +1224,7 @@ __device__ __forceinline__ void backward_key_tile(
         __syncwarp();
         order.written(Tr);
     }
-    write_dk_dv(dK, dV, dK_j, dV_j, j, Nk, softmax_scale);  // line 18
+    write_dk_dv(dk.head(bh), dv.head(bh), dK_j, dV_j, j, Nk, softmax_scale);  // line 18
 }
 
 // Deterministic mode: which block computes which tile. Tile t's block is block t, but a
@@ -1236,10 +1254,10 @@ __device__ int take_tiles(int* taken, int tile, int stride) {
 // A kernel per mode, so that the default mode's has neither the flags nor the loop.
 template <bool deterministic>
 __global__ void __launch_bounds__(THREADS)
-backward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const float* __restrict__ V,
-                const float* __restrict__ dO, const float* __restrict__ L, const float* __restrict__ D,
-                float* __restrict__ dQ, float* __restrict__ dQ_partial, int* __restrict__ dQ_progress,
-                int* __restrict__ dQ_taken, float* __restrict__ dK, float* __restrict__ dV,
+backward_kernel(Tensor4<const float> q, Tensor4<const float> k, Tensor4<const float> v,
+                Tensor4<const float> dout, const float* __restrict__ L, const float* __restrict__ D,
+                Tensor4<float> dq, float* __restrict__ dQ_partial, int* __restrict__ dQ_progress,
+                int* __restrict__ dQ_taken, Tensor4<float> dk, Tensor4<float> dv,
                 int64_t BH, int Nq, int Nk, int P, float softmax_scale, bool causal,
                 bool reversed_start) {
     extern __shared__ __align__(16) float smem[];
@@ -1248,7 +1266,7 @@ backward_kernel(const float* __restrict__ Q, const float* __restrict__ K, const 
     const int first = deterministic ? take_tiles(dQ_taken, tile, stride) : tile;
     if (first < 0) return;
     for (int t = first;; t += stride) {             // first, first + stride, ..., tile
-        backward_key_tile(Q, K, V, dO, L, D, dQ, dQ_partial, dQ_progress, dK, dV, BH, Nq, Nk, P,
+        backward_key_tile(q, k, v, dout, L, D, dq, dQ_partial, dQ_progress, dk, dv, BH, Nq, Nk, P,
                           softmax_scale, causal, deterministic, smem, t);
         if (t == tile) break;
         __syncthreads();                            // all warps are done with this tile's shared memory
@@ -1274,8 +1292,8 @@ int64_t dq_progress_ints(int64_t BH, int Nk) { return cdiv(Nk, Bc) * BH * (WARPS
 constexpr size_t FORWARD_SMEM = 5 * TILE * sizeof(float);              // Q_i; K_j, V_j twice: 85 KB
 constexpr size_t BACKWARD_SMEM = (5 * TILE + 2 * Br) * sizeof(float);  // K_j, V_j, dS_ij, Q_i, dO_i; L_i, D_i: 85.5 KB
 
-cudaError_t forward(const float* q, const float* k, const float* v, float* o, float* L,
-                    int64_t BH, int Nq, int Nk, float softmax_scale, bool causal, cudaStream_t stream) {
+cudaError_t forward(In q, In k, In v, Out o, float* L, int64_t BH, int Nq, int Nk, float softmax_scale,
+                    bool causal, cudaStream_t stream) {
     const int64_t blocks = BH * cdiv(Nq, Br);
     if (blocks == 0) return cudaSuccess;
     if (blocks > INT32_MAX) return cudaErrorInvalidConfiguration;
@@ -1287,21 +1305,21 @@ cudaError_t forward(const float* q, const float* k, const float* v, float* o, fl
     return cudaGetLastError();
 }
 
-// Default mode: dq must be zeroed (the kernel adds into it). Deterministic mode: dq is
-// partial buffer 0, dq_partial holds buffers 1 .. P-1 ((P - 1) * BH * Nq * d floats,
+// Default mode: the preprocess zeroes dq, and the kernel adds into it. Deterministic mode: dq
+// is partial buffer 0, dq_partial holds buffers 1 .. P-1 ((P - 1) * BH * Nq * d floats,
 // P = dq_partials(Nk, causal); unused when P = 1), and dq_progress dq_progress_ints(BH, Nk)
 // ints (zeroed here). reversed_start, for the tests: the blocks take their tiles as if the
 // GPU started them in reverse order.
-cudaError_t backward(const float* dout, const float* q, const float* k, const float* v,
-                     const float* o, const float* L, float* D, float* dq, float* dq_partial,
-                     int* dq_progress, float* dk, float* dv, int64_t BH, int Nq, int Nk,
-                     float softmax_scale, bool causal, bool deterministic, bool reversed_start,
-                     cudaStream_t stream) {
+cudaError_t backward(In dout, In q, In k, In v, In o, const float* L, float* D, Out dq, float* dq_partial,
+                     int* dq_progress, Out dk, Out dv, int64_t BH, int Nq, int Nk, float softmax_scale,
+                     bool causal, bool deterministic, bool reversed_start, cudaStream_t stream) {
     if (BH == 0 || Nk == 0) return cudaSuccess;
     const int Tc = cdiv(Nk, Bc);
     const int P = dq_partials(Nk, causal);
     if (BH * Tc > INT32_MAX) return cudaErrorInvalidConfiguration;
-    cudaError_t err = tutorial::backward_preprocess(dout, o, D, BH, Nq, stream);  // line 4
+    Out zeroed = dq;
+    if (deterministic) zeroed.data = nullptr;
+    cudaError_t err = tutorial::backward_preprocess(dout, o, D, zeroed, BH, Nq, stream);  // lines 3-4
     if (err != cudaSuccess) return err;
     const auto kernel = deterministic ? backward_kernel<true> : backward_kernel<false>;
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)BACKWARD_SMEM);
@@ -1337,19 +1355,17 @@ int64_t dq_progress_ints(int64_t BH, int Nk, Kernel kernel) {
     return kernel == Kernel::fast ? fast::dq_progress_ints(BH, Nk) : 0;
 }
 
-cudaError_t forward(const float* q, const float* k, const float* v, float* o, float* L,
-                    int64_t BH, int Nq, int Nk, float softmax_scale, bool causal, Kernel kernel,
-                    cudaStream_t stream) {
+cudaError_t forward(In q, In k, In v, Out o, float* L, int64_t BH, int Nq, int Nk, float softmax_scale,
+                    bool causal, Kernel kernel, cudaStream_t stream) {
     return kernel == Kernel::tutorial ? tutorial::forward(q, k, v, o, L, BH, Nq, Nk, softmax_scale, causal, stream)
                                       : fast::forward(q, k, v, o, L, BH, Nq, Nk, softmax_scale, causal, stream);
 }
 
 // dq_progress: dq_progress_ints(BH, Nk, kernel) ints; reversed_start: see fast::backward.
-cudaError_t backward(const float* dout, const float* q, const float* k, const float* v,
-                     const float* o, const float* L, float* D, float* dq, float* dq_partial,
-                     int* dq_progress, float* dk, float* dv, int64_t BH, int Nq, int Nk,
-                     float softmax_scale, bool causal, bool deterministic, Kernel kernel,
-                     cudaStream_t stream, bool reversed_start = false) {
+cudaError_t backward(In dout, In q, In k, In v, In o, const float* L, float* D, Out dq, float* dq_partial,
+                     int* dq_progress, Out dk, Out dv, int64_t BH, int Nq, int Nk, float softmax_scale,
+                     bool causal, bool deterministic, Kernel kernel, cudaStream_t stream,
+                     bool reversed_start = false) {
     if (kernel == Kernel::tutorial)
         return tutorial::backward(dout, q, k, v, o, L, D, dq, dq_partial, dk, dv, BH, Nq, Nk, softmax_scale,
                                   causal, deterministic, stream);
@@ -1373,13 +1389,53 @@ cudaError_t backward(const float* dout, const float* q, const float* k, const fl
 
 namespace {
 
-void check_tensor(const at::Tensor& t, const char* name, int64_t dim) {
+void check_tensor(const at::Tensor& t, const char* name, int64_t dim, const at::Tensor& q) {
     TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got ", t.device());
+    TORCH_CHECK(t.device() == q.device(), name, " must be on q's device, ", q.device(), ", got ", t.device());
     TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
     TORCH_CHECK(t.dim() == dim, name, " must be ", dim, "-D, got ", t.dim(), "-D");
-    TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, name,
-                " must be 16-byte aligned");
+}
+
+// The stride the kernels use for dimension `dim` of t: 0 for a dimension of size 1, whose
+// stride is never used and may be anything.
+int64_t stride(const at::Tensor& t, int dim) { return t.size(dim) == 1 ? 0 : t.stride(dim); }
+
+// Whether the kernels can read a (B, H, N, 64) tensor where it is: its rows of 64 floats are
+// contiguous and start 16-byte aligned (the data pointer and the strides of batch, head and
+// row multiples of 4 floats), and a row stride fits in an int.
+bool readable_in_place(const at::Tensor& t) {
+    if (t.size(3) != flash::d || t.stride(3) != 1 || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0)
+        return false;
+    for (int dim = 0; dim < 3; ++dim)
+        if (stride(t, dim) % 4 != 0) return false;
+    return stride(t, 2) <= INT32_MAX;
+}
+
+// t itself if the kernels can read it in place, else a copy that they can. A broadcast
+// dimension (stride 0) stays broadcast in the copy: an expanded dout costs one row.
+at::Tensor readable(const at::Tensor& t) {
+    if (readable_in_place(t)) return t;
+    at::Tensor rows = t;
+    for (int dim = 0; dim < 3; ++dim)
+        if (t.stride(dim) == 0 && t.size(dim) > 1) rows = rows.narrow(dim, 0, 1);
+    rows = rows.contiguous();
+    if (reinterpret_cast<uintptr_t>(rows.data_ptr()) % 16 != 0) rows = rows.clone();
+    return rows.expand(t.sizes());
+}
+
+// An output (O, or a gradient) for the input t, in t's order of dimensions when t's rows are
+// contiguous (empty_like: the same strides if t is dense, else dense in t's order), so that
+// the views and splits around the attention stay views in autograd; contiguous otherwise.
+// flash_attention.py's _output_like is the same rule (the CPU path and torch.compile).
+at::Tensor output_like(const at::Tensor& t) {
+    at::Tensor out = t.stride(3) == 1 ? at::empty_like(t) : at::empty(t.sizes(), t.options());
+    TORCH_INTERNAL_ASSERT(readable_in_place(out), "an output the kernels cannot write: strides ", out.strides());
+    return out;
+}
+
+template <typename T>
+flash::Tensor4<T> strided(const at::Tensor& t) {
+    return {t.data_ptr<float>(), stride(t, 0), stride(t, 1), (int)stride(t, 2), (int)t.size(1)};
 }
 
 flash::Kernel kernel_named(const std::string& name) {
@@ -1390,57 +1446,55 @@ flash::Kernel kernel_named(const std::string& name) {
 
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 bool causal, double softmax_scale, const std::string& kernel) {
-    check_tensor(q, "q", 4);
-    check_tensor(k, "k", 4);
-    check_tensor(v, "v", 4);
+    check_tensor(q, "q", 4, q);
+    check_tensor(k, "k", 4, q);
+    check_tensor(v, "v", 4, q);
     TORCH_CHECK(q.size(3) == flash::d && k.sizes() == v.sizes() &&
                     q.size(0) == k.size(0) && q.size(1) == k.size(1) && k.size(3) == flash::d,
                 "q (B, H, Nq, 64), k and v (B, H, Nk, 64) expected");
-    TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), "q, k, v on one device");
+    const flash::Kernel which = kernel_named(kernel);
     const c10::cuda::CUDAGuard guard(q.device());
-    auto o = at::empty_like(q);
+    auto o = output_like(q);
     auto L = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
-    C10_CUDA_CHECK(flash::forward(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
-                                  o.data_ptr<float>(), L.data_ptr<float>(),
-                                  q.size(0) * q.size(1), q.size(2), k.size(2),
-                                  (float)softmax_scale, causal, kernel_named(kernel),
-                                  at::cuda::getCurrentCUDAStream()));
+    C10_CUDA_CHECK(flash::forward(strided<const float>(readable(q)), strided<const float>(readable(k)),
+                                  strided<const float>(readable(v)), strided<float>(o), L.data_ptr<float>(),
+                                  q.size(0) * q.size(1), q.size(2), k.size(2), (float)softmax_scale, causal,
+                                  which, at::cuda::getCurrentCUDAStream()));
     return {o, L};
 }
 
 std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-                                 const at::Tensor& v, const at::Tensor& o, const at::Tensor& L,
+                                 const at::Tensor& v, const at::Tensor& out, const at::Tensor& L,
                                  bool causal, double softmax_scale, bool deterministic,
                                  const std::string& kernel, bool reversed_start) {
-    check_tensor(dout, "dout", 4);
-    check_tensor(q, "q", 4);
-    check_tensor(k, "k", 4);
-    check_tensor(v, "v", 4);
-    check_tensor(o, "out", 4);
-    check_tensor(L, "L", 3);
-    TORCH_CHECK(dout.sizes() == q.sizes() && o.sizes() == q.sizes() && k.sizes() == v.sizes(),
-                "dout and out must have q's shape, v k's shape");
+    check_tensor(q, "q", 4, q);
+    check_tensor(dout, "dout", 4, q);
+    check_tensor(k, "k", 4, q);
+    check_tensor(v, "v", 4, q);
+    check_tensor(out, "out", 4, q);
+    check_tensor(L, "L", 3, q);
+    TORCH_CHECK(q.size(3) == flash::d && dout.sizes() == q.sizes() && out.sizes() == q.sizes() &&
+                    k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(1) == k.size(1) &&
+                    k.size(3) == flash::d && L.sizes() == q.sizes().slice(0, 3),
+                "q, dout, out (B, H, Nq, 64), k and v (B, H, Nk, 64), L (B, H, Nq) expected");
+    const flash::Kernel which = kernel_named(kernel);
     const c10::cuda::CUDAGuard guard(q.device());
     const int64_t BH = q.size(0) * q.size(1);
     const int Nq = q.size(2), Nk = k.size(2);
-    auto dq = deterministic ? at::empty_like(q) : at::zeros_like(q);  // the default mode adds into dq
-    auto dk = at::empty_like(k);
-    auto dv = at::empty_like(v);
-    auto D = at::empty_like(L);
-    const flash::Kernel which = kernel_named(kernel);
+    auto dq = output_like(q), dk = output_like(k), dv = output_like(v);
+    auto D = at::empty_like(L, at::MemoryFormat::Contiguous);
     at::Tensor dq_partial, dq_progress;  // deterministic mode: partial buffers 1 .. P-1 (0 is dq)
     if (deterministic) {
         const int P = flash::dq_partials(Nk, which, causal);
-        dq_partial = at::empty({std::max(P - 1, 0), BH, Nq, flash::d}, q.options());  // P = 0 if Nk = 0
+        dq_partial = at::empty({std::max(P - 1, 0) * dq.numel()}, q.options());  // P = 0 if Nk = 0
         dq_progress = at::empty({flash::dq_progress_ints(BH, Nk, which)}, q.options().dtype(at::kInt));
     }
     C10_CUDA_CHECK(flash::backward(
-        dout.data_ptr<float>(), q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
-        o.data_ptr<float>(), L.data_ptr<float>(), D.data_ptr<float>(), dq.data_ptr<float>(),
-        deterministic ? dq_partial.data_ptr<float>() : nullptr,
-        deterministic ? dq_progress.data_ptr<int>() : nullptr, dk.data_ptr<float>(),
-        dv.data_ptr<float>(), BH, Nq, Nk, (float)softmax_scale, causal, deterministic, which,
-        at::cuda::getCurrentCUDAStream(), reversed_start));
+        strided<const float>(readable(dout)), strided<const float>(readable(q)), strided<const float>(readable(k)),
+        strided<const float>(readable(v)), strided<const float>(readable(out)), L.contiguous().data_ptr<float>(),
+        D.data_ptr<float>(), strided<float>(dq), deterministic ? dq_partial.data_ptr<float>() : nullptr,
+        deterministic ? dq_progress.data_ptr<int>() : nullptr, strided<float>(dk), strided<float>(dv), BH, Nq, Nk,
+        (float)softmax_scale, causal, deterministic, which, at::cuda::getCurrentCUDAStream(), reversed_start));
     return {dq, dk, dv};
 }
 

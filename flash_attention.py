@@ -270,18 +270,16 @@ def _compile_extension():
     )
 
 
-def _for_kernel(t: Tensor) -> Tensor:
-    """A contiguous, 16-byte aligned copy of t if t is not already one (the kernels read float4)."""
-    t = t.contiguous()
-    return t if t.data_ptr() % 16 == 0 else t.clone()
-
-
 # ----------------------------------------------------------------------------------------
 # 3. The torch.library ops and autograd
 # ----------------------------------------------------------------------------------------
 # forward returns O and the logsumexp L; backward returns dQ, dK, dV. CPU tensors run the
 # reference, CUDA tensors the extension; the fake implementations give torch.compile the
-# output shapes. The ops themselves are not differentiable (their Autograd key falls
+# output shapes and strides. The kernels read q, k, v, dout and out in place whenever their
+# rows of 64 floats are contiguous and 16-byte aligned (the extension copies the others),
+# and O, dQ, dK, dV come in the layout of q, k, v (_output_like), so that the views and
+# splits that made q, k, v (e.g. nanoGPT's qkv(x).split(C, dim=2), then .view(B, T, H, 64)
+# .transpose(1, 2)) cost autograd no copy. The ops themselves are not differentiable (their Autograd key falls
 # through); flash_attention() differentiates through _FlashAttentionFunction, which calls
 # them. Declared with torch.library.Library rather than the custom_op decorator: each call
 # then costs a few microseconds of Python instead of tens, which counts where the GPU work
@@ -295,33 +293,45 @@ _library.define(
 )
 
 
+def _output_like(t: Tensor) -> Tensor:
+    """An empty output (O, or a gradient) for the input t: in t's order of dimensions when t's rows
+    are contiguous (torch.empty_like: t's strides if t is dense, else dense in t's order),
+    contiguous otherwise. output_like in flash_attention.cu is the same rule."""
+    return torch.empty_like(t) if t.stride(-1) == 1 else t.new_empty(t.shape)
+
+
+def _in_layout_of(x: Tensor, t: Tensor) -> Tensor:
+    """x (contiguous, from the reference) in the layout the CUDA op gives an output for t."""
+    out = _output_like(t)
+    return x if out.stride() == x.stride() else out.copy_(x)
+
+
 def _forward_cpu(q, k, v, causal, softmax_scale, kernel):
     with torch.no_grad():  # the op is not differentiable on any device (see above)
-        return reference_forward(q, k, v, causal, softmax_scale)
+        O, L = reference_forward(q, k, v, causal, softmax_scale)
+        return _in_layout_of(O, q), L
 
 
 def _forward_cuda(q, k, v, causal, softmax_scale, kernel):
-    O, L = _extension().forward(_for_kernel(q), _for_kernel(k), _for_kernel(v), causal, softmax_scale, kernel)
-    return O, L
+    return _extension().forward(q, k, v, causal, softmax_scale, kernel)
 
 
 def _forward_fake(q, k, v, causal, softmax_scale, kernel):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:-1])
+    return _output_like(q), q.new_empty(q.shape[:-1])
 
 
 def _backward_cpu(dout, q, k, v, out, L, causal, softmax_scale, deterministic, kernel):
     with torch.no_grad():
-        return reference_backward(dout, q, k, v, out, L, causal, softmax_scale)
+        grads = reference_backward(dout, q, k, v, out, L, causal, softmax_scale)
+        return tuple(_in_layout_of(g, t) for g, t in zip(grads, (q, k, v)))
 
 
 def _backward_cuda(dout, q, k, v, out, L, causal, softmax_scale, deterministic, kernel):
-    args = [_for_kernel(t) for t in (dout, q, k, v, out, L)]
-    dq, dk, dv = _extension().backward(*args, causal, softmax_scale, deterministic, kernel)
-    return dq, dk, dv
+    return _extension().backward(dout, q, k, v, out, L, causal, softmax_scale, deterministic, kernel)
 
 
 def _backward_fake(dout, q, k, v, out, L, causal, softmax_scale, deterministic, kernel):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    return _output_like(q), _output_like(k), _output_like(v)
 
 
 _library.impl("forward", _forward_cpu, "CPU")

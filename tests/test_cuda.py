@@ -197,16 +197,6 @@ def test_torch_compile_fullgraph(causal):
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(grads, grads_ref))
 
 
-@pytest.mark.parametrize("kernel", fa.KERNELS)
-def test_opcheck(kernel):
-    q, k, v = random_qkv(2, 2, 45, 70, device="cuda", seed=13, requires_grad=True)
-    torch.library.opcheck(torch.ops.flash_attention.forward.default, (q, k, v, True, 0.125, kernel))
-    out, L = torch.ops.flash_attention.forward(q, k, v, True, 0.125, kernel)
-    for deterministic in (False, True):
-        args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, L, True, 0.125, deterministic, kernel)
-        torch.library.opcheck(torch.ops.flash_attention.backward.default, args)
-
-
 def test_module_trains_on_cuda():
     attn = FlashAttention(causal=True)
     q, k, v = random_qkv(2, 2, 64, 64, device="cuda", seed=14, requires_grad=True)

@@ -9,6 +9,7 @@ import torch
 
 import flash_attention as fa
 from conftest import bad_inputs, flash_grads, float64_grads, max_err, random_qkv, requires_cuda
+from flash_attention import flash_attention
 
 
 def implementations(cpu, cuda):
@@ -125,3 +126,111 @@ def test_bad_input_raises_a_clear_error(case, device):
     out, dq, dk, dv = flash_grads(q, k, v, dout, causal=True)
     ref, dq64, dk64, dv64 = float64_grads(q, k, v, dout, causal=True)
     assert max_err(out, ref) <= 1e-5 and max(max_err(dq, dq64), max_err(dk, dk64), max_err(dv, dv64)) <= 5e-5
+
+
+# ---------------------------------------------------------------------------- layouts
+
+def _nanogpt(B, H, N, device, g):
+    """q, k, v as nanoGPT makes them: qkv(x).split(C, dim=2), then .view(B, N, H, 64).transpose(1, 2)."""
+    x = torch.randn(B, N, 3 * H * 64, device=device, generator=g)
+    return [t.view(B, N, H, 64).transpose(1, 2) for t in x.split(H * 64, dim=2)]
+
+
+def _rows_in(B, H, N, device, g, *, row_stride=64, offset=0):
+    """(B, H, N, 64) tensors whose rows are row_stride floats apart, starting offset floats into their storage."""
+    def one():
+        storage = torch.randn(offset + B * H * N * row_stride, device=device, generator=g)
+        return storage[offset:].view(B, H, N, row_stride)[..., :64]
+    return [one() for _ in range(3)]
+
+
+def _layout(name, B, H, N, device, seed):
+    """q, k, v (B, H, N, 64) and dout in the layout `name`, random."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, device=device, generator=g)  # noqa: E731
+    dout = randn(B, H, N, 64)
+    if name == "nanogpt":  # rows 3 H 64 floats apart, heads 64: read in place
+        q, k, v = _nanogpt(B, H, N, device, g)
+    elif name == "bnhd":  # (B, N, H, 64), transposed: read in place
+        q, k, v = (randn(B, N, H, 64).transpose(1, 2) for _ in range(3))
+        dout = randn(B, N, H, 64).transpose(1, 2)
+    elif name == "offset":  # 16-byte aligned rows at a storage offset, padded to 68 floats: read in place
+        q, k, v = _rows_in(B, H, N, device, g, row_stride=68, offset=4)
+    elif name == "broadcast":  # k, v shared by the heads, dout by the batch (stride 0): read in place
+        q, k, v = randn(B, H, N, 64), randn(B, 1, N, 64).expand(B, H, N, 64), randn(B, 1, N, 64).expand(B, H, N, 64)
+        dout = randn(1, H, N, 64).expand(B, H, N, 64)
+    elif name == "misaligned":  # rows 4 bytes past a 16-byte boundary: copied
+        q, k, v = _rows_in(B, H, N, device, g, offset=1)
+    elif name == "odd_rows":  # rows 66 floats apart, so every other one misaligned: copied
+        q, k, v = _rows_in(B, H, N, device, g, row_stride=66)
+    elif name == "columns":  # the 64 floats of a row are not contiguous: copied
+        q, k, v = (randn(B, H, 64, N).transpose(2, 3) for _ in range(3))
+    elif name == "sum_loss":  # out.sum()'s gradient: one number, every stride 0; copied as one row
+        q, k, v = randn(B, H, N, 64), randn(B, H, N, 64), randn(B, H, N, 64)
+        dout = torch.ones((), device=device).expand(B, H, N, 64)
+    else:
+        raise ValueError(name)
+    return q, k, v, dout
+
+
+LAYOUTS = ["nanogpt", "bnhd", "offset", "broadcast", "misaligned", "odd_rows", "columns", "sum_loss"]
+IN_PLACE = ["nanogpt", "bnhd", "offset", "broadcast"]
+
+
+def _ops(q, k, v, dout, causal, deterministic, kernel):
+    """The ops called directly: O, L, dQ, dK, dV."""
+    O, L = torch.ops.flash_attention.forward(q, k, v, causal, 0.125, kernel or "fast")
+    return (O, L, *torch.ops.flash_attention.backward(dout, q, k, v, O, L, causal, 0.125, deterministic,
+                                                      kernel or "fast"))
+
+
+def _allocations(fn):
+    """How many times fn() allocates CUDA memory."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()["allocation.all.allocated"]
+    fn()
+    return torch.cuda.memory_stats()["allocation.all.allocated"] - before
+
+
+@pytest.mark.parametrize("device,kernel,layout,deterministic",
+                         implementations(grid(LAYOUTS, [False]), grid(LAYOUTS, MODES)))
+def test_any_layout_gives_the_results_of_contiguous_inputs(device, kernel, layout, deterministic):
+    q, k, v, dout = _layout(layout, 2, 3, 70, device, seed=LAYOUTS.index(layout))
+    # through autograd, as a model calls it
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = flash_attention(*leaves, causal=True, deterministic=deterministic, kernel=kernel)
+    out.backward(dout)
+    ref, dq64, dk64, dv64 = float64_grads(q, k, v, dout, causal=True)
+    assert max_err(out, ref) <= 1e-5
+    assert max(max_err(leaves[0].grad, dq64), max_err(leaves[1].grad, dk64), max_err(leaves[2].grad, dv64)) <= 5e-5
+    # the outputs come in the inputs' layouts
+    O, L, dq, dk, dv = _ops(q, k, v, dout, True, deterministic, kernel)
+    for name, x, t in (("O", O, q), ("dQ", dq, q), ("dK", dk, k), ("dV", dv, v)):
+        assert x.stride() == fa._output_like(t).stride(), name
+    if device == "cuda":
+        # the kernels compute the same bits from any layout (dQ: where the order of its sums is fixed)
+        dense = _ops(*(t.contiguous() for t in (q, k, v, dout)), True, deterministic, kernel)
+        for name, x, y in zip(("O", "L", "dQ", "dK", "dV"), (O, L, dq, dk, dv), dense):
+            if name != "dQ" or deterministic:
+                assert torch.equal(x, y), name
+        # and read the layouts they can read in place without a copy
+        if layout in IN_PLACE:
+            calls = lambda *inputs: lambda: _ops(*inputs, True, deterministic, kernel)  # noqa: E731
+            dense_inputs = [t.contiguous() for t in (q, k, v, dout)]
+            assert _allocations(calls(q, k, v, dout)) == _allocations(calls(*dense_inputs))
+
+
+@pytest.mark.parametrize("device,kernel,layout", implementations(grid(["contiguous"] + LAYOUTS),
+                                                                 grid(["contiguous", "nanogpt", "sum_loss"])))
+def test_opcheck(device, kernel, layout):
+    if layout == "contiguous":
+        q, k, v = random_qkv(2, 2, 45, 45, device=device, seed=13)
+        dout = torch.randn_like(q)
+    else:
+        q, k, v, dout = _layout(layout, 2, 2, 45, device, seed=13)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(torch.ops.flash_attention.forward.default, (q, k, v, True, 0.125, kernel or "fast"))
+    O, L = torch.ops.flash_attention.forward(q, k, v, True, 0.125, kernel or "fast")
+    for deterministic in (False, True):
+        args = (dout, q.detach(), k.detach(), v.detach(), O, L, True, 0.125, deterministic, kernel or "fast")
+        torch.library.opcheck(torch.ops.flash_attention.backward.default, args)
