@@ -17,7 +17,10 @@ train_step, at a constant learning rate. It measures:
 - steps_per_s: the median over --windows timed windows of --window steps, after --warmup
   steps, the GPU synchronized at each window's edges;
 - peak_mib: peak GPU memory during the run, above what was allocated before the model;
-- final_loss: the training loss of the last step.
+- final_loss: the training loss of the last step;
+- copy_kernels, cat_kernels (GPU): the copy kernels (and memcpys) and the cat kernels that
+  one training step launches, counted with torch.profiler after the timed windows: the
+  price of the layouts the attention hands autograd.
 It prints a markdown table and writes one JSON line per row (config, impl, steps_per_s,
 peak_mib, final_loss, gpu, date, ...) to --out.
 """
@@ -83,21 +86,36 @@ def measure(config: str, impl: str, device: torch.device, warmup: int, windows: 
         start = time.perf_counter()
         loss = steps(warmup + w * window, window)
         rates.append(window / (time.perf_counter() - start))
+    peak_mib = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if cuda else None
+    copies, cats = count_copy_kernels(lambda: steps(warmup + windows * window, 1)) if cuda else (None, None)
     return dict(
-        config=config, impl=impl, steps_per_s=statistics.median(rates),
-        peak_mib=(torch.cuda.max_memory_allocated(device) - base) / 2**20 if cuda else None,
-        final_loss=loss.item(), steps=warmup + windows * window, **{k: str(v) if k == "data" else v
-                                                                      for k, v in c.items()})
+        config=config, impl=impl, steps_per_s=statistics.median(rates), peak_mib=peak_mib,
+        final_loss=loss.item(), copy_kernels=copies, cat_kernels=cats, steps=warmup + windows * window,
+        **{k: str(v) if k == "data" else v for k, v in c.items()})
+
+
+def count_copy_kernels(step) -> tuple[int, int]:
+    """(copy kernels and memcpys, cat kernels) on the GPU during step()."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    cats = sum("CatArray" in n for n in names)
+    copies = sum(("copy" in n.lower() or "memcpy" in n.lower()) and "CatArray" not in n for n in names)
+    return copies, cats
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| config | attention | steps/s | vs sdpa | peak MiB | final loss |", "|---|---|---|---|---|---|"]
+    lines = ["| config | attention | steps/s | vs sdpa | peak MiB | final loss | copies, cats per step |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         sdpa = next((s for s in rows if s["config"] == r["config"] and s["impl"] == "sdpa"), None)
         ratio = f"{r['steps_per_s'] / sdpa['steps_per_s']:.2f}" if sdpa else "-"
         peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-"
+        kernels = f"{r['copy_kernels']}, {r['cat_kernels']}" if r["copy_kernels"] is not None else "-"
         lines.append(f"| {r['config']} | {r['impl']} | {r['steps_per_s']:.1f} | {ratio} | {peak} | "
-                     f"{r['final_loss']:.4f} |")
+                     f"{r['final_loss']:.4f} | {kernels} |")
     return "\n".join(lines)
 
 
@@ -110,7 +128,7 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps first (default 20)")
     parser.add_argument("--windows", type=int, default=5, help="timed windows (default 5)")
     parser.add_argument("--window", type=int, default=20, help="steps in a timed window (default 20)")
-    parser.add_argument("--out", type=Path, help="JSON lines (default: benchmarks/results/<gpu>_<date>_train.jsonl)")
+    parser.add_argument("--out", type=Path, help="JSON lines (default: benchmarks/results/<gpu>_<date>_trainer.jsonl)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is available (use --device cpu)")
@@ -122,7 +140,7 @@ def main(argv=None):
     device = torch.device(args.device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     date = datetime.date.today().isoformat()
-    out = args.out or ROOT / "benchmarks" / "results" / f"{gpu.replace(' ', '_')}_{date}_train.jsonl"
+    out = args.out or ROOT / "benchmarks" / "results" / f"{gpu.replace(' ', '_')}_{date}_trainer.jsonl"
     runs = [(c, i) for c in (args.config or ["default", "long"]) for i in (args.impl or IMPLS)]
     rows = []
     out.parent.mkdir(parents=True, exist_ok=True)

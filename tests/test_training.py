@@ -172,6 +172,17 @@ def test_training_benchmark_smoke_run_on_cpu(tmp_path):
     assert result.stdout.count("| tiny |") == 4
 
 
+def test_issue_cost_benchmark_smoke_run_on_cpu(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "issue_cost.py"), "--device", "cpu", "--calls", "2",
+                             "--rounds", "1", "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["impl"] for r in rows] == ["flash", "flash_det", "sdpa"]
+    assert all(r["forward_us"] > 0 and r["forward_backward_us"] > 0 and r["device"] == "cpu" for r in rows)
+    assert "| flash_det |" in result.stdout
+
+
 # ---------------------------------------------------------------------------- several processes (torchrun, gloo)
 
 def torchrun(*args, processes=2, timeout=600, script=ROOT / "example_training.py"):
