@@ -41,6 +41,7 @@
 #include <stdint.h>
 
 #include <algorithm>
+#include <atomic>
 
 // =============================================================================
 // Part I. The algorithm: 16 x 16 tiles (kernel="tutorial")
@@ -260,13 +261,19 @@ forward_kernel(Tensor4<const float> q,     // (B, H, Nq, d)
 // -----------------------------------------------------------------------------
 // One block per (batch * head, query tile); each half-warp reduces one row. In the default
 // mode, where the backward adds into dQ, the same threads zero it (dq.data is null in the
-// deterministic mode, where the first writer of each buffer stores).
+// deterministic mode, where the first writer of each buffer stores). They also zero the
+// `count` ints at `counters` that Part II's deterministic backward uses (count may be 0):
+// one launch less than a memset.
 __global__ void __launch_bounds__(THREADS)
 preprocess_kernel(Tensor4<const float> dout,  // (B, H, Nq, d)
                   Tensor4<const float> o,     // (B, H, Nq, d)
                   float* __restrict__ D,      // (B, H, Nq), contiguous
                   Tensor4<float> dq,          // (B, H, Nq, d), or data null
-                  int Nq) {
+                  int* __restrict__ counters, int64_t count, int Nq) {
+    for (int64_t n = (int64_t)blockIdx.x * THREADS + threadIdx.x; n < count; n += (int64_t)gridDim.x * THREADS)
+        counters[n] = 0;
+    if (Nq == 0) return;
+
     const int Tr = cdiv(Nq, Br);
     const int i = blockIdx.x % Tr;
     const int64_t bh = blockIdx.x / Tr;
@@ -480,12 +487,15 @@ cudaError_t forward(In q, In k, In v, Out o, float* L, int64_t BH, int Nq, int N
     return cudaGetLastError();
 }
 
-// Alg. 2 line 4 for every part: D = rowsum(dO * O); and line 3, dq = 0, unless dq.data is null.
-cudaError_t backward_preprocess(In dout, In o, float* D, Out dq, int64_t BH, int Nq, cudaStream_t stream) {
-    const int64_t blocks = BH * cdiv(Nq, Br);
+// Alg. 2 line 4 for every part: D = rowsum(dO * O); and line 3, dq = 0, unless dq.data is
+// null; and `count` ints at `counters` = 0.
+cudaError_t backward_preprocess(In dout, In o, float* D, Out dq, int* counters, int64_t count, int64_t BH, int Nq,
+                                cudaStream_t stream) {
+    int64_t blocks = BH * cdiv(Nq, Br);
+    if (blocks == 0 && count > 0) blocks = 1;  // no rows (Nq = 0), only the counters to zero
     if (blocks == 0) return cudaSuccess;
     if (blocks > INT32_MAX) return cudaErrorInvalidConfiguration;
-    preprocess_kernel<<<(unsigned)blocks, THREADS, 0, stream>>>(dout, o, D, dq, Nq);
+    preprocess_kernel<<<(unsigned)blocks, THREADS, 0, stream>>>(dout, o, D, dq, counters, count, Nq);
     return cudaGetLastError();
 }
 
@@ -513,7 +523,7 @@ cudaError_t backward(In dout, In q, In k, In v, In o, const float* L, float* D, 
     if (BH * slots > INT32_MAX) return cudaErrorInvalidConfiguration;
     Out zeroed = dq;
     if (deterministic) zeroed.data = nullptr;
-    cudaError_t err = backward_preprocess(dout, o, D, zeroed, BH, Nq, stream);
+    cudaError_t err = backward_preprocess(dout, o, D, zeroed, nullptr, 0, BH, Nq, stream);
     if (err != cudaSuccess) return err;
     backward_kernel<<<(unsigned)(BH * slots), THREADS, 0, stream>>>(
         q, k, v, dout, L, D, dq, dq_partial, dk, dv, BH, Nq, Nk, slots, softmax_scale, causal, deterministic);
@@ -1292,13 +1302,27 @@ int64_t dq_progress_ints(int64_t BH, int Nk) { return cdiv(Nk, Bc) * BH * (WARPS
 constexpr size_t FORWARD_SMEM = 5 * TILE * sizeof(float);              // Q_i; K_j, V_j twice: 85 KB
 constexpr size_t BACKWARD_SMEM = (5 * TILE + 2 * Br) * sizeof(float);  // K_j, V_j, dS_ij, Q_i, dO_i; L_i, D_i: 85.5 KB
 
+// A kernel may use more than 48 KB of shared memory once allowed to, on each device: the
+// first launch on a device sets the attribute, and the others skip that driver call.
+template <auto kernel, size_t bytes>
+cudaError_t allow_shared_memory() {
+    static std::atomic<uint64_t> allowed{0};  // bit n: done on device n (n < 64)
+    int device;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err != cudaSuccess) return err;
+    const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
+    if (allowed.load(std::memory_order_relaxed) & bit) return cudaSuccess;
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+    if (err == cudaSuccess) allowed.fetch_or(bit, std::memory_order_relaxed);
+    return err;
+}
+
 cudaError_t forward(In q, In k, In v, Out o, float* L, int64_t BH, int Nq, int Nk, float softmax_scale,
                     bool causal, cudaStream_t stream) {
     const int64_t blocks = BH * cdiv(Nq, Br);
     if (blocks == 0) return cudaSuccess;
     if (blocks > INT32_MAX) return cudaErrorInvalidConfiguration;
-    cudaError_t err = cudaFuncSetAttribute(forward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           (int)FORWARD_SMEM);
+    const cudaError_t err = allow_shared_memory<forward_kernel, FORWARD_SMEM>();
     if (err != cudaSuccess) return err;
     forward_kernel<<<(unsigned)blocks, THREADS, FORWARD_SMEM, stream>>>(q, k, v, o, L, BH, Nq, Nk,
                                                                          softmax_scale, causal);
@@ -1308,7 +1332,7 @@ cudaError_t forward(In q, In k, In v, Out o, float* L, int64_t BH, int Nq, int N
 // Default mode: the preprocess zeroes dq, and the kernel adds into it. Deterministic mode: dq
 // is partial buffer 0, dq_partial holds buffers 1 .. P-1 ((P - 1) * BH * Nq * d floats,
 // P = dq_partials(Nk, causal); unused when P = 1), and dq_progress dq_progress_ints(BH, Nk)
-// ints (zeroed here). reversed_start, for the tests: the blocks take their tiles as if the
+// ints (zeroed by the preprocess). reversed_start, for the tests: the blocks take their tiles as if the
 // GPU started them in reverse order.
 cudaError_t backward(In dout, In q, In k, In v, In o, const float* L, float* D, Out dq, float* dq_partial,
                      int* dq_progress, Out dk, Out dv, int64_t BH, int Nq, int Nk, float softmax_scale,
@@ -1319,15 +1343,13 @@ cudaError_t backward(In dout, In q, In k, In v, In o, const float* L, float* D, 
     if (BH * Tc > INT32_MAX) return cudaErrorInvalidConfiguration;
     Out zeroed = dq;
     if (deterministic) zeroed.data = nullptr;
-    cudaError_t err = tutorial::backward_preprocess(dout, o, D, zeroed, BH, Nq, stream);  // lines 3-4
+    cudaError_t err = tutorial::backward_preprocess(dout, o, D, zeroed, dq_progress,  // lines 3-4
+                                                    deterministic ? dq_progress_ints(BH, Nk) : 0, BH, Nq, stream);
     if (err != cudaSuccess) return err;
     const auto kernel = deterministic ? backward_kernel<true> : backward_kernel<false>;
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)BACKWARD_SMEM);
+    err = deterministic ? allow_shared_memory<backward_kernel<true>, BACKWARD_SMEM>()
+                        : allow_shared_memory<backward_kernel<false>, BACKWARD_SMEM>();
     if (err != cudaSuccess) return err;
-    if (deterministic) {
-        err = cudaMemsetAsync(dq_progress, 0, dq_progress_ints(BH, Nk) * sizeof(int), stream);
-        if (err != cudaSuccess) return err;
-    }
     int* dq_taken = deterministic ? dq_progress + BH * Tc * WARPS : nullptr;
     kernel<<<(unsigned)(BH * Tc), THREADS, BACKWARD_SMEM, stream>>>(
         q, k, v, dout, L, D, dq, dq_partial, dq_progress, dq_taken, dk, dv, BH, Nq, Nk, P,
@@ -1378,11 +1400,14 @@ cudaError_t backward(In dout, In q, In k, In v, In o, const float* L, float* D, 
 // -----------------------------------------------------------------------------
 // PyTorch binding (compiled with -DFLASH_ATTENTION_WITH_TORCH)
 // -----------------------------------------------------------------------------
-// flash_attention.py validates what users pass and declares the torch.library ops; these
-// functions are the CUDA implementations behind them. The checks below guard this
-// module's own contract with its Python caller.
+// flash_attention.py validates what users pass and declares the torch.library ops; this
+// module registers their CUDA kernels, and the autograd of `attention` on CUDA: a call of
+// flash_attention() on CUDA tensors then runs no Python after its checks, forward or
+// backward (on the CPU, flash_attention.py's _FlashAttentionFunction does the same with the
+// reference). The checks below guard this module's own contract with its Python caller.
 #ifdef FLASH_ATTENTION_WITH_TORCH
 #include <torch/extension.h>
+#include <torch/library.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -1438,14 +1463,15 @@ flash::Tensor4<T> strided(const at::Tensor& t) {
     return {t.data_ptr<float>(), stride(t, 0), stride(t, 1), (int)stride(t, 2), (int)t.size(1)};
 }
 
-flash::Kernel kernel_named(const std::string& name) {
+flash::Kernel kernel_named(c10::string_view name) {
     TORCH_CHECK(name == "fast" || name == "tutorial", "kernel must be \"fast\" or \"tutorial\", got \"",
                 name, "\"");
     return name == "fast" ? flash::Kernel::fast : flash::Kernel::tutorial;
 }
 
-std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                bool causal, double softmax_scale, const std::string& kernel) {
+// flash_attention::forward on CUDA: O and L.
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           bool causal, double softmax_scale, c10::string_view kernel) {
     check_tensor(q, "q", 4, q);
     check_tensor(k, "k", 4, q);
     check_tensor(v, "v", 4, q);
@@ -1463,10 +1489,13 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
     return {o, L};
 }
 
-std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-                                 const at::Tensor& v, const at::Tensor& out, const at::Tensor& L,
-                                 bool causal, double softmax_scale, bool deterministic,
-                                 const std::string& kernel, bool reversed_start) {
+// flash_attention::backward on CUDA: dq, dk, dv. reversed_start (the tests', through the
+// Python module only): the fast deterministic backward's blocks take their tiles as if the
+// GPU started them in reverse order.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+        const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+        const at::Tensor& L, bool causal, double softmax_scale, bool deterministic, c10::string_view kernel,
+        bool reversed_start = false) {
     check_tensor(q, "q", 4, q);
     check_tensor(dout, "dout", 4, q);
     check_tensor(k, "k", 4, q);
@@ -1498,15 +1527,117 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q, co
     return {dq, dk, dv};
 }
 
+// The ops, called through the dispatcher, so that torch.compile traces them.
+std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                              bool causal, double softmax_scale, c10::string_view kernel) {
+    static const auto op = c10::Dispatcher::singleton()
+        .findSchemaOrThrow("flash_attention::forward", "")
+        .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
+                                                  double, c10::string_view)>();
+    return op.call(q, k, v, causal, softmax_scale, kernel);
+}
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(
+        const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+        const at::Tensor& L, bool causal, double softmax_scale, bool deterministic, c10::string_view kernel) {
+    static const auto op = c10::Dispatcher::singleton()
+        .findSchemaOrThrow("flash_attention::backward", "")
+        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+            const at::Tensor&, bool, double, bool, c10::string_view)>();
+    return op.call(dout, q, k, v, out, L, causal, softmax_scale, deterministic, kernel);
+}
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Passes dq, dk, dv through, and raises if anything differentiates them: the backward op is
+// not differentiable, so without this the gradients taken with create_graph=True would not
+// depend on q, k, v, dout, and a loss built from them (a gradient penalty) would silently
+// lose its second-order term. dout, q, k, v make the gradients require grad exactly when
+// the true ones would. (flash_attention.py's _NoDoubleBackward, for the CPU.)
+struct NoDoubleBackward : torch::autograd::Function<NoDoubleBackward> {
+    static variable_list forward(AutogradContext*, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+                                 const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&) {
+        return {dq, dk, dv};
+    }
+    static variable_list backward(AutogradContext*, variable_list) {
+        TORCH_CHECK(false, "flash_attention: double backward is not supported: the gradients of flash_attention were "
+                    "differentiated again (torch.autograd.grad(..., create_graph=True), then a backward through them, "
+                    "as a gradient penalty does). Use PyTorch's attention for that loss, e.g. "
+                    "torch.nn.functional.scaled_dot_product_attention with the math backend.");
+    }
+};
+
+// flash_attention::attention on CUDA with autograd: the forward op saves O and L, the
+// backward op recomputes P from them.
+struct Attention : torch::autograd::Function<Attention> {
+    static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              bool causal, double softmax_scale, bool deterministic, const std::string& kernel) {
+        auto [out, L] = forward_op(q, k, v, causal, softmax_scale, kernel);
+        ctx->save_for_backward({q, k, v, out, L});
+        ctx->saved_data["causal"] = causal;
+        ctx->saved_data["softmax_scale"] = softmax_scale;
+        ctx->saved_data["deterministic"] = deterministic;
+        ctx->saved_data["kernel"] = kernel;
+        return out;
+    }
+    static variable_list backward(AutogradContext* ctx, variable_list grads) {
+        const auto saved = ctx->get_saved_variables();
+        const at::Tensor &dout = grads[0], &q = saved[0], &k = saved[1], &v = saved[2];
+        auto [dq, dk, dv] = backward_op(dout, q, k, v, saved[3], saved[4], ctx->saved_data["causal"].toBool(),
+                                        ctx->saved_data["softmax_scale"].toDouble(),
+                                        ctx->saved_data["deterministic"].toBool(),
+                                        ctx->saved_data["kernel"].toStringRef());
+        variable_list out = {dq, dk, dv};
+        if (torch::autograd::GradMode::is_enabled())  // create_graph=True: someone may differentiate them
+            out = NoDoubleBackward::apply(dq, dk, dv, dout, q, k, v);
+        return {out[0], out[1], out[2], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    }
+};
+
+at::Tensor attention_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+                              double softmax_scale, bool deterministic, c10::string_view kernel) {
+    return Attention::apply(q, k, v, causal, softmax_scale, deterministic, std::string(kernel));
+}
+// Without autograd (inference mode), the output alone.
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+                     double softmax_scale, bool, c10::string_view kernel) {
+    return std::get<0>(forward(q, k, v, causal, softmax_scale, kernel));
+}
+
 }  // namespace
 
+TORCH_LIBRARY_IMPL(flash_attention, CUDA, m) {
+    m.impl("forward", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+                         double softmax_scale, c10::string_view kernel) {
+        return forward(q, k, v, causal, softmax_scale, kernel);
+    });
+    m.impl("backward", [](const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const at::Tensor& out, const at::Tensor& L, bool causal, double softmax_scale,
+                          bool deterministic, c10::string_view kernel) {
+        return backward(dout, q, k, v, out, L, causal, softmax_scale, deterministic, kernel);
+    });
+    m.impl("attention", &attention);
+}
+
+TORCH_LIBRARY_IMPL(flash_attention, AutogradCUDA, m) {
+    m.impl("attention", &attention_autograd);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-    m.doc() = "CUDA kernels of flash_attention.py (see flash_attention.cu)";
-    m.def("forward", &forward, "O, L = forward(q, k, v, causal, softmax_scale, kernel)");
-    m.def("backward", &backward,
-          "dq, dk, dv = backward(dout, q, k, v, out, L, causal, softmax_scale, deterministic, kernel, "
-          "reversed_start=False); reversed_start (tests only): the fast deterministic backward's "
-          "blocks take their tiles as if the GPU started them in reverse order",
+    m.doc() = "CUDA kernels of flash_attention.py (see flash_attention.cu); importing it registers the CUDA "
+              "kernels of the flash_attention ops";
+    m.def("forward", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+                        double softmax_scale, const std::string& kernel) {
+        return forward(q, k, v, causal, softmax_scale, kernel);
+    }, "O, L = forward(q, k, v, causal, softmax_scale, kernel)");
+    m.def("backward", [](const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const at::Tensor& out, const at::Tensor& L, bool causal, double softmax_scale,
+                         bool deterministic, const std::string& kernel, bool reversed_start) {
+        return backward(dout, q, k, v, out, L, causal, softmax_scale, deterministic, kernel, reversed_start);
+    }, "dq, dk, dv = backward(dout, q, k, v, out, L, causal, softmax_scale, deterministic, kernel, "
+       "reversed_start=False); reversed_start (tests only): the fast deterministic backward's "
+       "blocks take their tiles as if the GPU started them in reverse order",
           py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("L"),
           py::arg("causal"), py::arg("softmax_scale"), py::arg("deterministic"), py::arg("kernel"),
           py::arg("reversed_start") = false);

@@ -13,8 +13,9 @@ reference below, which walks the same 16x16 tiles in the same order.
 This file has four parts, in reading order:
   1. the reference: FlashAttention-2's Algorithm 1 (forward) and Algorithm 2 (backward) in PyTorch;
   2. the CUDA extension: loaded if installed, compiled on first use if not;
-  3. the torch.library ops "flash_attention::forward" and "flash_attention::backward",
-     with fake implementations (torch.compile), and the autograd function around them;
+  3. the torch.library ops "flash_attention::forward", "flash_attention::backward" and, on CUDA,
+     the differentiable "flash_attention::attention", with fake implementations (torch.compile),
+     and the autograd function of the CPU path;
   4. the public API: input checks, flash_attention() and FlashAttention.
 """
 
@@ -239,7 +240,8 @@ def cuda_kernels_status() -> str:
 
 
 def _extension():
-    """The compiled kernels: the installed module, or one compiled now with ninja (cached)."""
+    """The compiled kernels: the installed module, or one compiled now with ninja (cached).
+    Loading it registers the CUDA kernels of the ops (see part 3)."""
     global _extension_module
     if _extension_module is None:
         try:
@@ -273,23 +275,30 @@ def _compile_extension():
 # ----------------------------------------------------------------------------------------
 # 3. The torch.library ops and autograd
 # ----------------------------------------------------------------------------------------
-# forward returns O and the logsumexp L; backward returns dQ, dK, dV. CPU tensors run the
-# reference, CUDA tensors the extension; the fake implementations give torch.compile the
-# output shapes and strides. The kernels read q, k, v, dout and out in place whenever their
-# rows of 64 floats are contiguous and 16-byte aligned (the extension copies the others),
-# and O, dQ, dK, dV come in the layout of q, k, v (_output_like), so that the views and
-# splits that made q, k, v (e.g. nanoGPT's qkv(x).split(C, dim=2), then .view(B, T, H, 64)
-# .transpose(1, 2)) cost autograd no copy. The ops themselves are not differentiable (their Autograd key falls
-# through); flash_attention() differentiates through _FlashAttentionFunction, which calls
-# them. Declared with torch.library.Library rather than the custom_op decorator: each call
-# then costs a few microseconds of Python instead of tens, which counts where the GPU work
-# is short (B=2, H=8, N=1024 takes 0.2 ms on an H100).
+# forward returns O and the logsumexp L; backward returns dQ, dK, dV; attention returns O and
+# is differentiable. CPU tensors run the reference: forward and backward here, and
+# flash_attention() differentiates through _FlashAttentionFunction, which calls them.
+# CUDA tensors run the extension, which registers the CUDA kernels of all three ops and the
+# autograd of `attention` in C++ (flash_attention.cu, the binding): a CUDA call runs no Python
+# past flash_attention()'s checks, which is what a small model's step is made of. The fake
+# implementations give torch.compile the output shapes and strides. forward and backward are
+# not differentiable (their Autograd key falls through). Declared with torch.library.Library
+# rather than the custom_op decorator, which costs tens of microseconds of Python a call.
+#
+# The kernels read q, k, v, dout and out in place whenever their rows of 64 floats are
+# contiguous and 16-byte aligned (the extension copies the others), and O, dQ, dK, dV come
+# in the layouts of q, k, v (_output_like), so that the views and splits that made q, k, v
+# (e.g. nanoGPT's qkv(x).split(C, dim=2), then .view(B, T, H, 64).transpose(1, 2)) cost
+# autograd no copy.
 
 _library = torch.library.Library("flash_attention", "DEF")
 _library.define("forward(Tensor q, Tensor k, Tensor v, bool causal, float softmax_scale, str kernel) -> (Tensor, Tensor)")
 _library.define(
     "backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor L, bool causal, "
     "float softmax_scale, bool deterministic, str kernel) -> (Tensor, Tensor, Tensor)"
+)
+_library.define(
+    "attention(Tensor q, Tensor k, Tensor v, bool causal, float softmax_scale, bool deterministic, str kernel) -> Tensor"
 )
 
 
@@ -312,10 +321,6 @@ def _forward_cpu(q, k, v, causal, softmax_scale, kernel):
         return _in_layout_of(O, q), L
 
 
-def _forward_cuda(q, k, v, causal, softmax_scale, kernel):
-    return _extension().forward(q, k, v, causal, softmax_scale, kernel)
-
-
 def _forward_fake(q, k, v, causal, softmax_scale, kernel):
     return _output_like(q), q.new_empty(q.shape[:-1])
 
@@ -326,26 +331,26 @@ def _backward_cpu(dout, q, k, v, out, L, causal, softmax_scale, deterministic, k
         return tuple(_in_layout_of(g, t) for g, t in zip(grads, (q, k, v)))
 
 
-def _backward_cuda(dout, q, k, v, out, L, causal, softmax_scale, deterministic, kernel):
-    return _extension().backward(dout, q, k, v, out, L, causal, softmax_scale, deterministic, kernel)
-
-
 def _backward_fake(dout, q, k, v, out, L, causal, softmax_scale, deterministic, kernel):
     return _output_like(q), _output_like(k), _output_like(v)
 
 
+def _attention_fake(q, k, v, causal, softmax_scale, deterministic, kernel):
+    return _output_like(q)
+
+
 _library.impl("forward", _forward_cpu, "CPU")
-_library.impl("forward", _forward_cuda, "CUDA")
 _library.impl("forward", torch.library.fallthrough_kernel, "Autograd")
 torch.library.register_fake("flash_attention::forward", _forward_fake, lib=_library)
 _library.impl("backward", _backward_cpu, "CPU")
-_library.impl("backward", _backward_cuda, "CUDA")
 _library.impl("backward", torch.library.fallthrough_kernel, "Autograd")
 torch.library.register_fake("flash_attention::backward", _backward_fake, lib=_library)
+torch.library.register_fake("flash_attention::attention", _attention_fake, lib=_library)
 
 
 class _FlashAttentionFunction(torch.autograd.Function):
-    """Autograd: the forward op saves O and L; the backward op recomputes P from them.
+    """Autograd on the CPU (the CUDA path's is Attention in flash_attention.cu): the forward op
+    saves O and L; the backward op recomputes P from them.
 
     forward takes ctx itself: with a separate setup_context, Function.apply binds the
     arguments with inspect.signature on every call, which costs more than the op.
@@ -496,7 +501,12 @@ def flash_attention(
     one_head = q.dim() == 3
     if one_head:
         q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
-    out, _ = _FlashAttentionFunction.apply(q, k, v, causal, float(softmax_scale), deterministic, kernel)
+    if q.is_cuda:
+        if _extension_module is None:
+            _extension()  # registers the CUDA kernels
+        out = torch.ops.flash_attention.attention(q, k, v, causal, float(softmax_scale), deterministic, kernel)
+    else:
+        out, _ = _FlashAttentionFunction.apply(q, k, v, causal, float(softmax_scale), deterministic, kernel)
     return out.squeeze(1) if one_head else out
 
 
@@ -538,3 +548,11 @@ class FlashAttention(nn.Module):
             f"head_dim={self.head_dim}, causal={self.causal}, softmax_scale={self.softmax_scale}, "
             f"deterministic={self.deterministic}, kernel={self.kernel}"
         )
+
+
+# The installed kernels register themselves now, so that the ops run on CUDA tensors from the
+# start; without them, the first CUDA call of flash_attention() compiles them (_extension()).
+try:
+    import flash_attention_cuda as _extension_module
+except ImportError:  # not built here (_extension() says why when a CUDA call needs it)
+    pass

@@ -62,24 +62,6 @@ def test_every_documented_kernel_name_is_accepted(kernel):
     assert torch.equal(flash_attention(q, k, v, kernel=kernel), FlashAttention(kernel=kernel)(q, k, v))
 
 
-def test_first_order_gradients_with_create_graph_are_right():
-    q, k, v = random_qkv(1, 2, 19, 23, seed=6, requires_grad=True)
-    dout = torch.randn(1, 2, 19, 64, generator=torch.Generator().manual_seed(6))
-    grads = torch.autograd.grad(flash_attention(q, k, v, causal=True), (q, k, v), dout, create_graph=True)
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    grads64 = torch.autograd.grad(attention_float64(q64, k64, v64, causal=True), (q64, k64, v64), dout.double())
-    assert max(max_err(g, g64) for g, g64 in zip(grads, grads64)) <= 5e-5
-
-
-def test_gradient_penalty_raises_instead_of_dropping_the_second_order_term():
-    q, k, v = random_qkv(1, 2, 9, 12, seed=7, requires_grad=True)
-    (dq,) = torch.autograd.grad(flash_attention(q, k, v).sum(), q, create_graph=True)
-    assert dq.requires_grad  # as it would be with any differentiable attention
-    penalty = dq.square().sum()
-    with pytest.raises(RuntimeError, match="flash_attention: double backward is not supported"):
-        penalty.backward()
-
-
 def test_module_has_no_parameters_and_matches_function():
     attn = FlashAttention(head_dim=64, causal=True, softmax_scale=0.2, deterministic=True)
     assert list(attn.parameters()) == []
@@ -88,50 +70,7 @@ def test_module_has_no_parameters_and_matches_function():
     assert "causal=True" in repr(attn)
 
 
-# ---------------------------------------------------------------------------- deterministic setting
-
-def test_deterministic_none_follows_torch_setting(monkeypatch):
-    seen = []
-    real = torch.ops.flash_attention.backward
-
-    class Spy:
-        def __call__(self, *args):
-            seen.append(args[8])
-            return real(*args)
-
-    import flash_attention as fa
-    monkeypatch.setattr(fa.torch.ops.flash_attention, "backward", Spy())
-    q, k, v = random_qkv(1, 1, 4, 4, requires_grad=True)
-    flash_attention(q, k, v).sum().backward()
-    was = torch.are_deterministic_algorithms_enabled()
-    try:
-        torch.use_deterministic_algorithms(True)
-        flash_attention(q, k, v).sum().backward()
-        flash_attention(q, k, v, deterministic=False).sum().backward()
-    finally:
-        torch.use_deterministic_algorithms(was)
-    flash_attention(q, k, v, deterministic=True).sum().backward()
-    assert seen == [False, True, False, True]
-
-
-# ---------------------------------------------------------------------------- torch.compile and opcheck
-
-@pytest.mark.parametrize("causal", [False, True])
-def test_torch_compile_fullgraph(causal):
-    torch._dynamo.reset()
-    q, k, v = random_qkv(2, 2, 21, 35, seed=9, requires_grad=True)
-
-    def step(q, k, v):
-        return flash_attention(q, k, v, causal=causal).square().sum()
-
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    loss = compiled(q, k, v)
-    grads = torch.autograd.grad(loss, (q, k, v))
-    loss_ref = step(q, k, v)
-    grads_ref = torch.autograd.grad(loss_ref, (q, k, v))
-    assert torch.equal(loss, loss_ref)
-    assert all(torch.equal(a, b) for a, b in zip(grads, grads_ref))
-
+# ---------------------------------------------------------------------------- the ops
 
 def test_the_ops_are_not_differentiable_flash_attention_is():
     q, k, v = random_qkv(1, 2, 9, 12, seed=11, requires_grad=True)

@@ -234,3 +234,93 @@ def test_opcheck(device, kernel, layout):
     for deterministic in (False, True):
         args = (dout, q.detach(), k.detach(), v.detach(), O, L, True, 0.125, deterministic, kernel or "fast")
         torch.library.opcheck(torch.ops.flash_attention.backward.default, args)
+        if device == "cuda":  # the differentiable op of the CUDA path
+            torch.library.opcheck(torch.ops.flash_attention.attention.default,
+                                  (q, k, v, True, 0.125, deterministic, kernel))
+
+
+# ---------------------------------------------------------------------------- autograd
+# The CPU path differentiates through _FlashAttentionFunction (flash_attention.py), the CUDA path
+# through the C++ autograd of the op flash_attention::attention (flash_attention.cu): the same
+# behaviour, tested on both.
+
+ONE_CASE = implementations([()], [()])
+
+
+@pytest.mark.parametrize("device,kernel", ONE_CASE)
+def test_first_order_gradients_with_create_graph_are_right(device, kernel):
+    q, k, v = random_qkv(1, 2, 19, 23, device=device, seed=6, requires_grad=True)
+    dout = torch.randn(1, 2, 19, 64, device=device)
+    grads = torch.autograd.grad(flash_attention(q, k, v, causal=True, kernel=kernel), (q, k, v), dout,
+                                create_graph=True)
+    _, *grads64 = float64_grads(q, k, v, dout, causal=True)
+    assert max(max_err(g, g64) for g, g64 in zip(grads, grads64)) <= 5e-5
+
+
+@pytest.mark.parametrize("device,kernel", ONE_CASE)
+def test_gradient_penalty_raises_instead_of_dropping_the_second_order_term(device, kernel):
+    q, k, v = random_qkv(1, 2, 9, 12, device=device, seed=7, requires_grad=True)
+    (dq,) = torch.autograd.grad(flash_attention(q, k, v, kernel=kernel).sum(), q, create_graph=True)
+    assert dq.requires_grad  # as it would be with any differentiable attention
+    penalty = dq.square().sum()
+    with pytest.raises(RuntimeError, match="flash_attention: double backward is not supported"):
+        penalty.backward()
+
+
+@pytest.mark.parametrize("device,kernel", ONE_CASE)
+def test_without_autograd_the_output_is_the_same(device, kernel):
+    q, k, v = random_qkv(2, 2, 30, 40, device=device, seed=12, requires_grad=True)
+    out = flash_attention(q, k, v, causal=True, kernel=kernel)
+    assert out.requires_grad
+    with torch.no_grad():
+        no_grad = flash_attention(q, k, v, causal=True, kernel=kernel)
+    with torch.inference_mode():
+        inference = flash_attention(q, k, v, causal=True, kernel=kernel)
+    assert not no_grad.requires_grad and not inference.requires_grad
+    assert torch.equal(out, no_grad) and torch.equal(out, inference)
+
+
+class _BackwardSpy(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the `deterministic` argument of every call of the backward op, from Python or C++."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.flash_attention.backward.default:
+            self.seen.append(args[8])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device,kernel", ONE_CASE)
+def test_deterministic_none_follows_torch_setting(device, kernel):
+    q, k, v = random_qkv(1, 1, 4, 4, device=device, requires_grad=True)
+    was = torch.are_deterministic_algorithms_enabled()
+    with _BackwardSpy() as spy:
+        flash_attention(q, k, v, kernel=kernel).sum().backward()
+        try:
+            torch.use_deterministic_algorithms(True)
+            flash_attention(q, k, v, kernel=kernel).sum().backward()
+            flash_attention(q, k, v, deterministic=False, kernel=kernel).sum().backward()
+        finally:
+            torch.use_deterministic_algorithms(was)
+        flash_attention(q, k, v, deterministic=True, kernel=kernel).sum().backward()
+    assert spy.seen == [False, True, False, True]
+
+
+@pytest.mark.parametrize("device,kernel,causal", implementations(grid([False, True]), grid([False, True])))
+def test_torch_compile_fullgraph(device, kernel, causal):
+    torch._dynamo.reset()
+    q, k, v = random_qkv(2, 2, 21, 35, device=device, seed=9, requires_grad=True)
+
+    def step(q, k, v):
+        return flash_attention(q, k, v, causal=causal, deterministic=True, kernel=kernel).square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss = compiled(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    loss_ref = step(q, k, v)
+    grads_ref = torch.autograd.grad(loss_ref, (q, k, v))
+    assert torch.equal(loss, loss_ref)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_ref))
