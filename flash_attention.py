@@ -402,6 +402,23 @@ class _NoDoubleBackward(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------
 
 
+def _valid_at_a_glance(q, k, v, causal, softmax_scale, deterministic, kernel) -> bool:
+    """True for the usual valid call, in a few steps (a small model calls attention so often that
+    _check_inputs' thoroughness shows in its step time); False sends it to _check_inputs."""
+    if type(q) is not Tensor or type(k) is not Tensor or type(v) is not Tensor:
+        return False
+    qs, ks = q.shape, k.shape
+    return (q.dtype is torch.float32 and k.dtype is torch.float32 and v.dtype is torch.float32
+            and len(qs) in (3, 4) and len(ks) == len(qs) and qs[-1] == HEAD_DIM and ks[-1] == HEAD_DIM
+            and ks == v.shape and qs[:-2] == ks[:-2] and (ks[-2] > 0 or qs[-2] == 0)
+            and ((q.is_cuda and k.is_cuda and v.is_cuda and q.get_device() == k.get_device() == v.get_device())
+                 or (q.is_cpu and k.is_cpu and v.is_cpu))
+            and (causal is True or causal is False) and (softmax_scale is None or type(softmax_scale) is float
+                                                         and math.isfinite(softmax_scale))
+            and (deterministic is None or deterministic is True or deterministic is False)
+            and (kernel is None or kernel in KERNELS))
+
+
 def _check_inputs(q, k, v, causal, softmax_scale, deterministic, kernel) -> None:
     """Raise a TypeError or ValueError naming the argument, what was given and what is accepted."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -491,7 +508,8 @@ def flash_attention(
     Returns:
         The attention output, with q's shape.
     """
-    _check_inputs(q, k, v, causal, softmax_scale, deterministic, kernel)
+    if not _valid_at_a_glance(q, k, v, causal, softmax_scale, deterministic, kernel):
+        _check_inputs(q, k, v, causal, softmax_scale, deterministic, kernel)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(HEAD_DIM)
     if deterministic is None:
@@ -504,7 +522,7 @@ def flash_attention(
     if q.is_cuda:
         if _extension_module is None:
             _extension()  # registers the CUDA kernels
-        out = torch.ops.flash_attention.attention(q, k, v, causal, float(softmax_scale), deterministic, kernel)
+        out = torch.ops.flash_attention.attention.default(q, k, v, causal, float(softmax_scale), deterministic, kernel)
     else:
         out, _ = _FlashAttentionFunction.apply(q, k, v, causal, float(softmax_scale), deterministic, kernel)
     return out.squeeze(1) if one_head else out
