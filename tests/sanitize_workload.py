@@ -4,8 +4,9 @@ deterministic backward's blocks wait for each other; Nk = 1000, causal: one chai
 tiles into dQ itself; B = H = 4 with Nk = 4000: 1008 fast blocks, several waves on any GPU,
 whose chains of 4 partial buffers cross from one wave to the next). Then the fast
 deterministic backward with its blocks taking their tiles as if the GPU started them in reverse
-order, so that blocks take and compute whole chains of tiles. Run by tests/sanitize.sh; checks
-its own results against float64."""
+order, so that blocks take and compute whole chains of tiles. Then strided inputs read in place
+(nanoGPT's split projection, a dout broadcast over the batch) and ones that are copied (rows
+not 16-byte aligned). Run by tests/sanitize.sh; checks its own results against float64."""
 
 import sys
 from pathlib import Path
@@ -40,5 +41,19 @@ for causal in (False, True):
         ref = float64_grads(q, k, v, dout, causal, 0.125)
         errors = [max_err(x, r) for x, r in zip((out, *grads), ref)]
         assert max(errors) <= 5e-5, ("reversed start", causal, B, H, Nq, Nk, errors)
+for kernel in fa.KERNELS:
+    for deterministic in (False, True):
+        B, H, N = 2, 3, 70
+        qkv = torch.randn(B, N, 3 * H * 64, device="cuda", requires_grad=True)
+        q, k, v = (t.view(B, N, H, 64).transpose(1, 2) for t in qkv.split(H * 64, dim=2))
+        dout = torch.randn(1, H, N, 64, device="cuda").expand(B, H, N, 64)
+        base = torch.randn(1 + B * H * N * 64, device="cuda")
+        misaligned = base[1:].view(B, H, N, 64).requires_grad_()
+        for q_in in (q, misaligned):
+            out = fa.flash_attention(q_in, k, v, causal=True, deterministic=deterministic, kernel=kernel)
+            grads = torch.autograd.grad(out, (q_in, k, v), dout)
+            ref = float64_grads(q_in, k, v, dout, True)
+            errors = [max_err(x, r) for x, r in zip((out, *grads), ref)]
+            assert max(errors) <= 5e-5, ("layouts", kernel, deterministic, errors)
 torch.cuda.synchronize()
 print("sanitize_workload: all results correct")
