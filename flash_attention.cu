@@ -1408,6 +1408,7 @@ cudaError_t backward(In dout, In q, In k, In v, In o, const float* L, float* D, 
 #ifdef FLASH_ATTENTION_WITH_TORCH
 #include <torch/extension.h>
 #include <torch/library.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -1595,8 +1596,17 @@ struct Attention : torch::autograd::Function<Attention> {
     }
 };
 
+// With no graph to record (no_grad, or no input that requires grad) and no forward-mode
+// tangents (which Attention::apply refuses), the forward op alone: Attention::apply would
+// cost a few microseconds a call for nothing.
 at::Tensor attention_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
                               double softmax_scale, bool deterministic, c10::string_view kernel) {
+    using torch::autograd::isFwGradDefined;
+    if (!torch::autograd::compute_requires_grad(q, k, v) && !isFwGradDefined(q) && !isFwGradDefined(k) &&
+        !isFwGradDefined(v)) {
+        const at::AutoDispatchBelowADInplaceOrView below_autograd;
+        return std::get<0>(forward_op(q, k, v, causal, softmax_scale, kernel));
+    }
     return Attention::apply(q, k, v, causal, softmax_scale, deterministic, std::string(kernel));
 }
 // Without autograd (inference mode), the output alone.

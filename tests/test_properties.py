@@ -276,8 +276,30 @@ def test_without_autograd_the_output_is_the_same(device, kernel):
         no_grad = flash_attention(q, k, v, causal=True, kernel=kernel)
     with torch.inference_mode():
         inference = flash_attention(q, k, v, causal=True, kernel=kernel)
-    assert not no_grad.requires_grad and not inference.requires_grad
-    assert torch.equal(out, no_grad) and torch.equal(out, inference)
+    detached = flash_attention(q.detach(), k.detach(), v.detach(), causal=True, kernel=kernel)
+    assert not no_grad.requires_grad and not inference.requires_grad and not detached.requires_grad
+    assert torch.equal(out, no_grad) and torch.equal(out, inference) and torch.equal(out, detached)
+
+
+@pytest.mark.parametrize("device,kernel", ONE_CASE)
+def test_one_input_that_requires_grad_gets_its_gradient(device, kernel):
+    q, k, v = random_qkv(1, 2, 19, 23, device=device, seed=13)
+    v.requires_grad_()
+    dout = torch.randn(1, 2, 19, 64, device=device)
+    out = flash_attention(q, k, v, causal=True, kernel=kernel)
+    assert out.requires_grad
+    (dv,) = torch.autograd.grad(out, v, dout)
+    *_, dv64 = float64_grads(q, k, v, dout, causal=True)
+    assert max_err(dv, dv64) <= 5e-5
+
+
+@pytest.mark.parametrize("device,kernel", ONE_CASE)
+def test_forward_mode_ad_raises_instead_of_dropping_the_tangent(device, kernel):
+    import torch.autograd.forward_ad as fwAD
+
+    q, k, v = random_qkv(1, 1, 8, 8, device=device, seed=14)
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="(?i)jvp"):
+        flash_attention(fwAD.make_dual(q, torch.ones_like(q)), k, v, kernel=kernel)
 
 
 class _BackwardSpy(torch.utils._python_dispatch.TorchDispatchMode):
