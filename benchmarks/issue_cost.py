@@ -10,8 +10,10 @@ and reports the median over --rounds of the time per call, in microseconds:
 - forward: one forward with autograd recording (inputs require grad);
 - forward_backward: one forward and its backward (torch.autograd.backward on the output).
 Attentions: flash (this project, default mode), flash_det (deterministic=True) and sdpa
-(scaled_dot_product_attention, memory-efficient backend on the GPU). Prints a markdown table
-and writes one JSON line per row to --out.
+(scaled_dot_product_attention, memory-efficient backend on the GPU). The rounds take the
+attentions in turn (round r times each of them, then round r + 1), so that a host whose speed
+drifts during the run (the GPU machine's does, by 10-30%) slows them alike. Prints a markdown
+table and writes one JSON line per row to --out.
 """
 
 from __future__ import annotations
@@ -39,44 +41,49 @@ IMPLS = {
 }
 
 
-def per_call_us(fn, calls: int, rounds: int, device: torch.device) -> float:
-    """Median over rounds of the wall time per call of `calls` calls of fn, synchronized once per round."""
-    times = []
-    for _ in range(rounds + 1):  # the first round warms up
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(times[1:])
+def seconds_per_call(fn, calls: int, device: torch.device) -> float:
+    """The wall time per call of `calls` calls of fn, synchronized once at the end."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / calls
 
 
-def measure(impl: str, device: torch.device, calls: int, rounds: int) -> dict:
+def measure(device: torch.device, calls: int, rounds: int) -> list[dict]:
+    """One row per attention: the median over rounds of the microseconds per call of each
+    workload, the attentions taking turns in every round; the first round warms up."""
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(1, 1, 64, 64, device=device, generator=g).requires_grad_() for _ in range(3))
-    attention = IMPLS[impl]
+    workloads = {}
+    for impl, attention in IMPLS.items():
+        def forward(attention=attention):
+            return attention(q, k, v)
+
+        def forward_backward(attention=attention):
+            out = attention(q, k, v)
+            torch.autograd.backward(out, torch.ones_like(out))
+
+        workloads[impl] = {"forward_us": forward, "forward_backward_us": forward_backward}
+    times = {impl: {name: [] for name in w} for impl, w in workloads.items()}
     backend = SDPBackend.EFFICIENT_ATTENTION if device.type == "cuda" else SDPBackend.MATH
-
-    def forward():
-        return attention(q, k, v)
-
-    def forward_backward():
-        out = attention(q, k, v)
-        torch.autograd.backward(out, torch.ones_like(out))
-
     with sdpa_kernel(backend):
-        return dict(impl=impl, forward_us=per_call_us(forward, calls, rounds, device),
-                    forward_backward_us=per_call_us(forward_backward, calls, rounds, device))
+        for _ in range(rounds + 1):
+            for impl, w in workloads.items():
+                for name, fn in w.items():
+                    times[impl][name].append(seconds_per_call(fn, calls, device) * 1e6)
+    return [dict(impl=impl, **{name: statistics.median(t[1:]) for name, t in ts.items()})
+            for impl, ts in times.items()]
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--calls", type=int, default=2000, help="calls per round (default 2000)")
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (default 5)")
+    parser.add_argument("--rounds", type=int, default=9, help="timed rounds (default 9)")
     parser.add_argument("--out", type=Path, help="JSON lines (default: benchmarks/results/<gpu>_<date>_issue.jsonl)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -87,11 +94,9 @@ def main(argv=None):
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     date = datetime.date.today().isoformat()
     out = args.out or ROOT / "benchmarks" / "results" / f"{gpu.replace(' ', '_')}_{date}_issue.jsonl"
-    rows = []
-    for impl in IMPLS:
-        row = measure(impl, device, args.calls, args.rounds)
+    rows = measure(device, args.calls, args.rounds)
+    for row in rows:
         row.update(device=gpu, date=date, torch=torch.__version__, calls=args.calls, rounds=args.rounds)
-        rows.append(row)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(f"\n{gpu}, PyTorch {torch.__version__}, {date}; median of {args.rounds} rounds of {args.calls} calls, "
