@@ -13,10 +13,14 @@ scaled_dot_product_attention, its own choice of backend) and naive (matmul-softm
 
 For each (config, attention) the model starts from one seed and trains on the same batches
 (example_training.py's: each step's batch from the seed and the step alone), with its
-train_step, at a constant learning rate. It measures:
+train_step, at a constant learning rate. A config's attentions train side by side: each
+model is built and warmed up, then the timed windows take the attentions in turn (window w
+of each, then window w + 1), so that a host whose speed drifts during the run (the GPU
+machine's does, by 10-30%) slows them alike. It measures:
 - steps_per_s: the median over --windows timed windows of --window steps, after --warmup
   steps, the GPU synchronized at each window's edges;
-- peak_mib: peak GPU memory during the run, above what was allocated before the model;
+- peak_mib: peak GPU memory of the attention's training, above what was allocated before
+  its model (the other attentions' models, alive beside it, are not counted);
 - final_loss: the training loss of the last step;
 - copy_kernels, cat_kernels (GPU): the copy kernels (and memcpys) and the cat kernels that
   one training step launches, counted with torch.profiler after the timed windows: the
@@ -28,6 +32,7 @@ peak_mib, final_loss, gpu, date, ...) to --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -54,44 +59,87 @@ SEED = 0
 LR = et.GPU_DEFAULTS["lr"]
 
 
-def measure(config: str, impl: str, device: torch.device, warmup: int, windows: int, window: int) -> dict:
-    c = CONFIGS[config]
-    task = et.CharText(c["data"], c["seq_len"]) if c["data"] else et.Sorting(c["seq_len"])
-    deterministic = impl == "flash_det"
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
-    cfg = et.Config(task.vocab_size, task.block_size, c["n_layer"], c["n_embd"],
-                    "flash" if deterministic else impl, deterministic)
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    torch.manual_seed(SEED)
-    model = et.GPT(cfg).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+class Training:
+    """One attention's model in one config: built from SEED, trained by windows of steps."""
 
-    def steps(first: int, count: int) -> torch.Tensor | None:
-        loss = None
-        for step in range(first, first + count):
-            inputs, targets = task.batch(c["batch_size"], et.batch_generator(SEED, step), device)
-            loss = et.train_step(model, optimizer, inputs, targets, LR)
+    def __init__(self, config: str, impl: str, device: torch.device):
+        c = CONFIGS[config]
+        self.config, self.impl, self.device, self.batch_size = config, impl, device, c["batch_size"]
+        self.task = et.CharText(c["data"], c["seq_len"]) if c["data"] else et.Sorting(c["seq_len"])
+        self.deterministic = impl == "flash_det"
+        self.settings = {k: str(v) if k == "data" else v for k, v in c.items()}
+        self.rates: list[float] = []
+        self.peak_bytes = 0  # above what was allocated before the model
+        self.persistent_bytes = 0  # parameters and optimizer state, after the warm-up
+        self.loss = None
+        cfg = et.Config(self.task.vocab_size, self.task.block_size, c["n_layer"], c["n_embd"],
+                        "flash" if self.deterministic else impl, self.deterministic)
+        with self.memory_watch(new=True):
+            torch.manual_seed(SEED)
+            self.model = et.GPT(cfg).to(device)
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LR, weight_decay=0.0)
+
+    @contextlib.contextmanager
+    def memory_watch(self, new: bool = False):
+        """Raises peak_bytes to this block's peak; new: what the block leaves allocated is the
+        model's (parameters, gradients, optimizer state)."""
+        cuda = self.device.type == "cuda"
         if cuda:
-            torch.cuda.synchronize(device)
-        return loss
+            torch.cuda.synchronize(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        yield
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            base = before - self.persistent_bytes  # what was allocated before the model
+            self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated(self.device) - base)
+            if new:
+                self.persistent_bytes += torch.cuda.memory_allocated(self.device) - before
 
-    steps(0, warmup)
-    rates = []
+    def steps(self, first: int, count: int) -> None:
+        torch.use_deterministic_algorithms(self.deterministic, warn_only=True)
+        for step in range(first, first + count):
+            inputs, targets = self.task.batch(self.batch_size, et.batch_generator(SEED, step), self.device)
+            self.loss = et.train_step(self.model, self.optimizer, inputs, targets, LR)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def warm_up(self, count: int) -> None:
+        with self.memory_watch(new=True):  # the optimizer's state appears at the first step
+            self.steps(0, count)
+
+    def timed_window(self, first: int, count: int) -> None:
+        with self.memory_watch():
+            start = time.perf_counter()
+            self.steps(first, count)
+            self.rates.append(count / (time.perf_counter() - start))
+
+    def row(self, steps: int) -> dict:
+        """The measurements after `steps` steps; on the GPU, one more step is profiled."""
+        cuda = self.device.type == "cuda"
+        final_loss = self.loss.item()
+        copies, cats = count_copy_kernels(lambda: self.steps(steps, 1)) if cuda else (None, None)
+        return dict(config=self.config, impl=self.impl, steps_per_s=statistics.median(self.rates),
+                    peak_mib=self.peak_bytes / 2**20 if cuda else None, final_loss=final_loss,
+                    copy_kernels=copies, cat_kernels=cats, steps=steps, **self.settings)
+
+
+def measure(config: str, impls: list[str], device: torch.device, warmup: int, windows: int, window: int,
+            bar: tqdm) -> list[dict]:
+    """A row per attention of one config: the models warm up one by one, then take turns by windows."""
+    trainings = []
+    for impl in impls:
+        bar.set_postfix_str(f"{config} {impl} warm-up")
+        training = Training(config, impl, device)
+        training.warm_up(warmup)
+        trainings.append(training)
+        bar.update()
     for w in range(windows):
-        start = time.perf_counter()
-        loss = steps(warmup + w * window, window)
-        rates.append(window / (time.perf_counter() - start))
-    peak_mib = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if cuda else None
-    copies, cats = count_copy_kernels(lambda: steps(warmup + windows * window, 1)) if cuda else (None, None)
-    return dict(
-        config=config, impl=impl, steps_per_s=statistics.median(rates), peak_mib=peak_mib,
-        final_loss=loss.item(), copy_kernels=copies, cat_kernels=cats, steps=warmup + windows * window,
-        **{k: str(v) if k == "data" else v for k, v in c.items()})
+        for training in trainings:
+            bar.set_postfix_str(f"{config} window {w + 1}/{windows} {training.impl}")
+            training.timed_window(warmup + w * window, window)
+            bar.update()
+    return [training.row(warmup + windows * window) for training in trainings]
 
 
 def count_copy_kernels(step) -> tuple[int, int]:
@@ -126,7 +174,7 @@ def main(argv=None):
     parser.add_argument("--impl", action="append", choices=IMPLS, help="attentions (default: all)")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps first (default 20)")
-    parser.add_argument("--windows", type=int, default=5, help="timed windows (default 5)")
+    parser.add_argument("--windows", type=int, default=9, help="timed windows (default 9)")
     parser.add_argument("--window", type=int, default=20, help="steps in a timed window (default 20)")
     parser.add_argument("--out", type=Path, help="JSON lines (default: benchmarks/results/<gpu>_<date>_trainer.jsonl)")
     args = parser.parse_args(argv)
@@ -141,18 +189,19 @@ def main(argv=None):
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     date = datetime.date.today().isoformat()
     out = args.out or ROOT / "benchmarks" / "results" / f"{gpu.replace(' ', '_')}_{date}_trainer.jsonl"
-    runs = [(c, i) for c in (args.config or ["default", "long"]) for i in (args.impl or IMPLS)]
+    configs, impls = args.config or ["default", "long"], args.impl or list(IMPLS)
     rows = []
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("")  # rows are appended as they are measured: a run cut short keeps them
-    with tqdm(runs, desc="train_bench", file=sys.stderr) as bar:
-        for config, impl in bar:
-            bar.set_postfix_str(f"{config} {impl}")
-            row = measure(config, impl, device, args.warmup, args.windows, args.window)
-            row.update(gpu=gpu, date=date, torch=torch.__version__)
-            rows.append(row)
+    out.write_text("")  # rows are appended config by config: a run cut short keeps them
+    with tqdm(total=len(configs) * len(impls) * (1 + args.windows), desc="train_bench", unit="window",
+              file=sys.stderr) as bar:
+        for config in configs:
+            group = measure(config, impls, device, args.warmup, args.windows, args.window, bar)
+            for row in group:
+                row.update(gpu=gpu, date=date, torch=torch.__version__)
+            rows += group
             with out.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.writelines(json.dumps(row) + "\n" for row in group)
     torch.use_deterministic_algorithms(False)
     print(f"\n{gpu}, PyTorch {torch.__version__}, {date}, FP32; median steps/s of {args.windows} windows of "
           f"{args.window} steps after {args.warmup}. JSON lines: {out}\n")
