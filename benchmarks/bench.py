@@ -14,7 +14,11 @@ For each (impl, B, H, N, causal) it measures, on the same random inputs:
 - max abs error of O, dQ, dK, dV against float64 attention (where it fits in memory);
 - whether the backward is bit-identical over repeats, and whether dQ of sample 0 in the
   batch equals dQ of sample 0 computed alone (batch invariance);
-- the ratio of each time to SDPA's memory-efficient backend in the same run.
+- the ratio of each time to SDPA's memory-efficient backend in the same run;
+- with --gpu-time, the GPU's time alone for the forward and for forward + backward
+  (fwd_gpu_ms, fwdbwd_gpu_ms): a CUDA graph of 10 calls, replayed, so that no CPU work sits
+  between the kernels. At small shapes the times above are mostly the CPU's time to issue
+  the calls (and autograd's, to run the backward); these are the kernels'.
 Correctness comes first: an error over 1e-4 stops the run with an error.
 It prints a markdown table and writes one JSON record per row to --out.
 """
@@ -93,6 +97,29 @@ def cuda_time_ms(fn, min_total_ms=200.0, max_reps=30):
     return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
+def graph_time_ms(fn, calls=10, replays=10):
+    """Median time of fn in ms on the GPU alone: fn called `calls` times in one CUDA graph, and
+    the graph replayed `replays` times between CUDA events."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capturing stream, as torch.cuda.graph asks
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()  # the first replay uploads the graph
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(replays)]
+    for start, end in events:
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events) / calls
+
+
 def peak_mib(fn):
     """Peak memory allocated while fn runs, above what was allocated before, in MiB."""
     torch.cuda.synchronize()
@@ -110,7 +137,7 @@ def fits(impl, B, H, N, extra_bytes):
     return need < 0.8 * free
 
 
-def measure(impl, B, H, N, causal, check_error):
+def measure(impl, B, H, N, causal, check_error, gpu_time):
     fn = IMPLS[impl]
     g = torch.Generator(device="cuda").manual_seed(N + B)
     q, k, v, dout = (torch.randn(B, H, N, D, device="cuda", generator=g) for _ in range(4))
@@ -150,6 +177,9 @@ def measure(impl, B, H, N, causal, check_error):
     out = fn(q, k, v, causal)  # the backward alone, on one forward's saved graph
     row["bwd_ms"] = cuda_time_ms(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True))
     del out
+    if gpu_time:
+        row["fwd_gpu_ms"] = graph_time_ms(forward)
+        row["fwdbwd_gpu_ms"] = graph_time_ms(forward_backward)
     flop = 4 * B * H * N * N * D / (2 if causal else 1)
     row["fwd_tflops"] = flop / row["fwd_ms"] / 1e9
     row["bwd_tflops"] = 2.5 * flop / row["bwd_ms"] / 1e9
@@ -164,20 +194,24 @@ def fmt(x, digits=3):
 
 
 def table(rows):
+    gpu_time = any("fwd_gpu_ms" in r for r in rows)
     lines = [
         "| impl | B | H | N | causal | fwd ms | fwd TFLOP/s | bwd ms | bwd TFLOP/s | fwd / sdpa_eff | bwd / sdpa_eff "
-        "| peak MiB fwd / fwd+bwd | bwd bit-exact | dQ batch-invariant | max err O / dQ / dK / dV |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| peak MiB fwd / fwd+bwd | bwd bit-exact | dQ batch-invariant | max err O / dQ / dK / dV |"
+        + (" GPU alone: fwd / fwd+bwd ms (/ sdpa_eff) |" if gpu_time else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu_time else ""),
     ]
     for r in rows:
         e = r["max_err"]
         errs = "-" if e is None else " / ".join(f"{e[n]:.1e}" for n in ("o", "dq", "dk", "dv"))
+        gpu = (f" {fmt(r.get('fwd_gpu_ms'))} / {fmt(r.get('fwdbwd_gpu_ms'))} ({fmt(r.get('fwd_gpu_vs_sdpa'), 2)} / "
+               f"{fmt(r.get('fwdbwd_gpu_vs_sdpa'), 2)}) |" if gpu_time else "")
         lines.append(
             f"| {r['impl']} | {r['B']} | {r['H']} | {r['N']} | {int(r['causal'])} | {fmt(r['fwd_ms'])} "
             f"| {fmt(r['fwd_tflops'], 1)} | {fmt(r['bwd_ms'])} | {fmt(r['bwd_tflops'], 1)} "
             f"| {fmt(r.get('fwd_vs_sdpa'), 2)} | {fmt(r.get('bwd_vs_sdpa'), 2)} "
             f"| {r['fwd_peak_mib']:.0f} / {r['peak_mib']:.0f} | {'yes' if r['bwd_bitexact'] else 'NO'} "
-            f"| {'yes' if r['dq_batch_invariant'] else 'NO'} | {errs} |"
+            f"| {'yes' if r['dq_batch_invariant'] else 'NO'} | {errs} |{gpu}"
         )
     return "\n".join(lines)
 
@@ -189,6 +223,8 @@ def main():
     parser.add_argument("--n", type=int, action="append", help="sequence lengths (default: 512 .. 16384)")
     parser.add_argument("--bh", action="append", help="B,H pairs such as 2,8 (default: 2,8 and 8,16)")
     parser.add_argument("--causal", choices=["both", "0", "1"], default="both")
+    parser.add_argument("--gpu-time", action="store_true",
+                        help="also time the kernels alone, in CUDA graphs (fwd_gpu_ms, fwdbwd_gpu_ms)")
     parser.add_argument("--error-max-n", type=int, default=2048, help="check errors against float64 up to this N")
     parser.add_argument("--out", type=Path, help="JSON file (default: benchmarks/results/<gpu>_<date>.json)")
     args = parser.parse_args()
@@ -219,7 +255,7 @@ def main():
                 bar.set_postfix_str(f"{impl} B={B} H={H} N={N} causal={int(causal)}")
                 check = N <= args.error_max_n and fits("naive", B, H, N, 0)
                 if fits(impl, B, H, N, 16 * 4 * B * H * N * D):
-                    group.append(measure(impl, B, H, N, causal, check))
+                    group.append(measure(impl, B, H, N, causal, check, args.gpu_time))
                 torch.cuda.empty_cache()
                 bar.update()
             sdpa_row = next((r for r in group if r["impl"] == "sdpa_efficient"), None)
@@ -228,6 +264,9 @@ def main():
                 if sdpa_row:
                     r["fwd_vs_sdpa"] = r["fwd_ms"] / sdpa_row["fwd_ms"]
                     r["bwd_vs_sdpa"] = r["bwd_ms"] / sdpa_row["bwd_ms"]
+                    for key in ("fwd_gpu_ms", "fwdbwd_gpu_ms"):
+                        if key in r:
+                            r[key.replace("_ms", "_vs_sdpa")] = r[key] / sdpa_row[key]
             rows += group
             with out.open("a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in group)
