@@ -29,6 +29,22 @@ def test_kernels_compile_without_spills(tmp_path):
     assert "stack frame" in report and not re.search(r"[1-9]\d* bytes stack frame", report), report
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit), not found on PATH")
+def test_wgmma_benchmark_compiles_for_hopper_without_spills(tmp_path):
+    source = SOURCE.parent / "benchmarks" / "wgmma_tf32.cu"
+    result = subprocess.run(
+        ["nvcc", "-gencode", "arch=compute_90a,code=sm_90a", "-O3", "-Xptxas", "-v", str(source), "-o",
+         str(tmp_path / "wgmma_tf32")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    report = result.stdout + result.stderr
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    assert len(spills) == len(re.findall(r"Compiling entry function", report)) >= 5, report
+    assert all(s == ("0", "0") for s in spills), report
+
+
 @pytest.mark.skipif(__import__("torch").version.cuda is not None, reason="this PyTorch is a CUDA build")
 def test_cpu_only_pytorch_says_what_is_missing():
     import flash_attention as fa
