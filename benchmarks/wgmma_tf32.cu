@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #define CHECK(call)                                                                           \
@@ -31,7 +32,7 @@
 // placements of the core matrices of a (rows x K) operand:
 //   kgroup_major: core (row group g, k group c) at (c * rows / 8 + g) * 128 bytes:
 //                 LBO = rows * 16, SBO = 128 (what a 3-D TMA box of (4, rows, K / 4) writes);
-//   rowgroup_major: at (g * K / 4 + c) * 128 bytes: LBO = 128, SBO = K * 16 / 4 * 8 / 8 = K * 4.
+//   rowgroup_major: at (g * K / 4 + c) * 128 bytes: LBO = 128, SBO = K / 4 * 128 = K * 32.
 enum Layout { kgroup_major = 0, rowgroup_major = 1 };
 
 __host__ __device__ int element_at(Layout layout, int r, int k, int rows, int K) {
@@ -39,7 +40,7 @@ __host__ __device__ int element_at(Layout layout, int r, int k, int rows, int K)
     return core * 32 + (r % 8) * 4 + k % 4;
 }
 __host__ __device__ uint32_t lbo_bytes(Layout layout, int rows) { return layout == kgroup_major ? rows * 16 : 128; }
-__host__ __device__ uint32_t sbo_bytes(Layout layout, int K) { return layout == kgroup_major ? 128 : K * 4; }
+__host__ __device__ uint32_t sbo_bytes(Layout layout, int K) { return layout == kgroup_major ? 128 : K * 32; }
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
     return static_cast<uint32_t>(__cvta_generic_to_shared(p));
