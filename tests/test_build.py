@@ -30,18 +30,19 @@ def test_kernels_compile_without_spills(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit), not found on PATH")
-def test_wgmma_benchmark_compiles_for_hopper_without_spills(tmp_path):
-    source = SOURCE.parent / "benchmarks" / "wgmma_tf32.cu"
+@pytest.mark.parametrize("name", ["wgmma_tf32", "hopper_forward"])
+def test_hopper_benchmarks_compile_for_sm90a_without_spills(tmp_path, name):
+    source = SOURCE.parent / "benchmarks" / f"{name}.cu"
     result = subprocess.run(
         ["nvcc", "-gencode", "arch=compute_90a,code=sm_90a", "-O3", "-Xptxas", "-v", str(source), "-o",
-         str(tmp_path / "wgmma_tf32")],
+         str(tmp_path / name)],
         capture_output=True,
         text=True,
     )
     assert result.returncode == 0, result.stderr
     report = result.stdout + result.stderr
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
-    assert len(spills) == len(re.findall(r"Compiling entry function", report)) >= 5, report
+    assert len(spills) == len(re.findall(r"Compiling entry function", report)) >= 1, report
     assert all(s == ("0", "0") for s in spills), report
 
 
