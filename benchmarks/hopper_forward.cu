@@ -1,11 +1,15 @@
-// Part III prototype, version 1 (issue 15; benchmarks/NOTES.md has the plan): the forward of
-// Algorithm 1 on Hopper's warpgroup MMA, before it moves into flash_attention.cu. One block
-// of one warpgroup (4 warps) per 64 query rows, as Part II, with the tile products on wgmma:
-//   S_ij = Q_i K_j^T: three chains of 8 wgmma m64n64k8 from shared memory (3xTF32), and
-//   O_i += P_ij V_j: three chains with P from registers, V_j^T from shared memory.
-// The block stages each K_j and V_j itself (load, split, store in wgmma's layout), then
-// computes: nothing overlaps yet. It checks O and L against float64 on the CPU (small
-// shapes, causal and not, odd lengths), then times B=2, H=8, N=4096.
+// Part III prototype (issue 15; benchmarks/NOTES.md has the plan): the forward of
+// Algorithm 1 on Hopper's warpgroup MMA, before it moves into flash_attention.cu. A
+// warpgroup (4 warps) owns 64 query rows, as a block does in Part II; its tile products run
+// on wgmma:
+//   S_ij = Q_i K_j^T: three chains of 8 wgmma m64n64k8 from shared memory (3xTF32);
+//   O_i += P_ij V_j: three chains with P from registers and V_j^T from shared memory.
+// Version 1: one warpgroup per block, which stages each K_j and V_j^T itself (load, split,
+// store in wgmma's layout) between its products. Version 2: a producer warpgroup stages
+// them into two stages of shared memory (cp.async into a raw tile, then the split), for
+// two consumer warpgroups (128 query rows), handing stages over with mbarriers.
+// Both are checked against float64 on the CPU (small shapes, causal and not, odd lengths),
+// then timed at B*H = 16, N = 4096.
 //   nvcc -gencode arch=compute_90a,code=sm_90a -O3 -o /tmp/hopper_forward benchmarks/hopper_forward.cu && /tmp/hopper_forward
 #include <algorithm>
 #include <cmath>
@@ -13,9 +17,9 @@
 
 #include "wgmma.cuh"
 
-constexpr int d = 64, Br = 64, Bc = 64, THREADS = 128;
-constexpr int TILE = 64 * 64;  // floats of one split part of a tile (wgmma's layout has no padding)
-constexpr size_t SMEM = 6 * TILE * sizeof(float);  // Q_i, K_j, V_j^T, each big and small: 96 KB
+constexpr int d = 64, Bc = 64;
+constexpr int TILE = 64 * 64;      // floats of one split part of a tile (wgmma's layout has no padding)
+constexpr int RAW_STRIDE = d + 4;  // a raw (unsplit) tile's rows, padded: 8 rows' float4 hit 8 bank groups
 constexpr float LOG2E = 1.4426950408889634f;
 
 __host__ __device__ constexpr int cdiv(int a, int b) { return (a + b - 1) / b; }
@@ -26,51 +30,101 @@ __device__ __forceinline__ void split(float x, float& big, float& small) {
     big = __uint_as_float((__float_as_uint(x) + 0x1000u) & 0xffffe000u);
     small = x - big;
 }
+__device__ __forceinline__ void split4(float4 x, float4& big, float4& small) {
+    split(x.x, big.x, small.x);
+    split(x.y, big.y, small.y);
+    split(x.z, big.z, small.z);
+    split(x.w, big.w, small.w);
+}
 
-// Rows row0 .. row0 + 63 of an (N, 64) row-major matrix (zeros past N), split, as a wgmma
-// operand with the rows as its rows and d as K. Each 8 lanes store one core matrix.
-__device__ void stage_rows(float* big, float* small, const float* src, int row0, int N) {
-    for (int f = threadIdx.x; f < 64 * 16; f += THREADS) {
+// P's accumulator fragment holds keys 8s + 2t and 8s + 2t + 1 where wgmma's A fragment has
+// k = t and t + 4 (see p_fragment), so V_j^T keeps the keys of each 8 in that order:
+// key 2u at position u, key 2u + 1 at position u + 4.
+__device__ __forceinline__ int key_at(int position) {
+    const int u = position % 8;
+    return (position & ~7) | (u < 4 ? 2 * u : 2 * (u - 4) + 1);
+}
+
+__device__ __forceinline__ uint64_t tile_step(const float* tile, int s) {
+    return step_descriptor(tile, kgroup_major, 64, 64, s);
+}
+
+// --- staging: tiles into wgmma's layout, split (tid: the thread's index in its warpgroup) ---
+
+// Rows row0 .. row0 + 63 of an (N, 64) row-major matrix (zeros past N) as a wgmma operand
+// with the rows as its rows and d as K. Each 8 lanes store one core matrix.
+__device__ void stage_rows(float* big, float* small, const float* src, int row0, int N, int tid) {
+    for (int f = tid; f < 64 * 16; f += 128) {
         const int r = 8 * (f / 128) + f % 8, c = f / 8 % 16;  // row r, floats 4c .. 4c + 3
         const float4 x = row0 + r < N ? *reinterpret_cast<const float4*>(src + (int64_t)(row0 + r) * d + 4 * c)
                                       : make_float4(0.f, 0.f, 0.f, 0.f);
         float4 b, s;
-        split(x.x, b.x, s.x);
-        split(x.y, b.y, s.y);
-        split(x.z, b.z, s.z);
-        split(x.w, b.w, s.w);
+        split4(x, b, s);
         const int at = element_at(kgroup_major, r, 4 * c, 64, 64);
         *reinterpret_cast<float4*>(big + at) = b;
         *reinterpret_cast<float4*>(small + at) = s;
     }
 }
 
-// P's accumulator fragment holds keys 8s + 2t and 8s + 2t + 1 where wgmma's A fragment has
-// k = t and t + 4 (see p_fragment): V^T's K position of key `key` within its group of 8.
-__device__ __forceinline__ int k_position(int key) { return (key & ~7) | ((key & 1) << 2) | (key % 8 / 2); }
-
-// V_j (rows row0 .. row0 + 63 of an (N, 64) matrix, zeros past N) as the B operand of P V:
-// V_j^T, rows = d, K = keys in k_position order, split.
-__device__ void stage_transposed(float* big, float* small, const float* src, int row0, int N) {
-    for (int f = threadIdx.x; f < 64 * 16; f += THREADS) {
-        const int key = f % 64, c = f / 64;  // key, floats 4c .. 4c + 3
+// V_j (rows row0 .. row0 + 63, zeros past N) as the B operand of P V: V_j^T, rows = d, K =
+// keys in key_at order. (Version 1: 4 scalar stores a thread, 8-way bank conflicts.)
+__device__ void stage_transposed(float* big, float* small, const float* src, int row0, int N, int tid) {
+    for (int f = tid; f < 64 * 16; f += 128) {
+        const int position = f % 64, c = f / 64, key = key_at(position);  // floats 4c .. 4c + 3 of a key
         const float4 x = row0 + key < N ? *reinterpret_cast<const float4*>(src + (int64_t)(row0 + key) * d + 4 * c)
                                         : make_float4(0.f, 0.f, 0.f, 0.f);
         const float xs[4] = {x.x, x.y, x.z, x.w};
-        const int p = k_position(key);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-            const int at = element_at(kgroup_major, 4 * c + e, p, 64, 64);
+            const int at = element_at(kgroup_major, 4 * c + e, position, 64, 64);
             split(xs[e], big[at], small[at]);
         }
     }
 }
 
-__device__ __forceinline__ uint64_t tile_step(const float* tile, int s) { return step_descriptor(tile, kgroup_major, 64, 64, s); }
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
-// wgmma's A fragment of P for k-step s (keys 8s .. 8s + 7), split: from the accumulator
-// fragment, lane (g, t) holds P[g][8s + 2t], P[g][8s + 2t + 1], P[g + 8][...] in S[4s .. 4s + 3];
-// A wants (g, k = t), (g + 8, t), (g, t + 4), (g + 8, t + 4): keys 2t -> k = t, 2t + 1 -> t + 4.
+// Start copying rows row0 .. row0 + 63 (zeros past N) into a raw tile of RAW_STRIDE floats a row.
+__device__ void load_raw_async(float* raw, const float* src, int row0, int N, int tid) {
+    for (int f = tid; f < 64 * 16; f += 128) {
+        const int r = f / 16, c = f % 16;
+        const bool inside = row0 + r < N;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(raw + r * RAW_STRIDE + 4 * c)),
+                     "l"(src + (inside ? (int64_t)(row0 + r) * d + 4 * c : 0)), "r"(inside ? 16 : 0));
+    }
+}
+// stage_rows from a raw tile.
+__device__ void split_rows(float* big, float* small, const float* raw, int tid) {
+    for (int f = tid; f < 64 * 16; f += 128) {
+        const int r = 8 * (f / 128) + f % 8, c = f / 8 % 16;
+        float4 b, s;
+        split4(*reinterpret_cast<const float4*>(raw + r * RAW_STRIDE + 4 * c), b, s);
+        const int at = element_at(kgroup_major, r, 4 * c, 64, 64);
+        *reinterpret_cast<float4*>(big + at) = b;
+        *reinterpret_cast<float4*>(small + at) = s;
+    }
+}
+// stage_transposed from a raw tile: a thread gathers 4 keys of one column and stores them as
+// one float4 of V_j^T's row n; each 8 lanes store one core matrix.
+__device__ void split_transposed(float* big, float* small, const float* raw, int tid) {
+    for (int f = tid; f < 64 * 16; f += 128) {
+        const int n = f % 64, position = 4 * (f / 64);
+        const float4 x = make_float4(raw[key_at(position) * RAW_STRIDE + n], raw[key_at(position + 1) * RAW_STRIDE + n],
+                                     raw[key_at(position + 2) * RAW_STRIDE + n], raw[key_at(position + 3) * RAW_STRIDE + n]);
+        float4 b, s;
+        split4(x, b, s);
+        const int at = element_at(kgroup_major, n, position, 64, 64);
+        *reinterpret_cast<float4*>(big + at) = b;
+        *reinterpret_cast<float4*>(small + at) = s;
+    }
+}
+
+// --- one tile: lines 8-10 of Algorithm 1 for a warpgroup's 64 query rows ------------------
+
+// wgmma's A fragment of P for k-step s (keys 8s .. 8s + 7), split: the accumulator fragment
+// has, in lane (g, t), P[g][8s + 2t], P[g][8s + 2t + 1], P[g + 8][8s + 2t], P[g + 8][8s + 2t + 1]
+// in S[4s .. 4s + 3]; A wants (g, k = t), (g + 8, t), (g, t + 4), (g + 8, t + 4).
 __device__ __forceinline__ void p_fragment(uint32_t (&big)[4], uint32_t (&small)[4], const float (&S)[32], int s) {
     const float p[4] = {S[4 * s], S[4 * s + 2], S[4 * s + 1], S[4 * s + 3]};
 #pragma unroll
@@ -82,107 +136,244 @@ __device__ __forceinline__ void p_fragment(uint32_t (&big)[4], uint32_t (&small)
     }
 }
 
-// One block per (query tile i, head bh); q, k, v, o contiguous (BH, N, 64); L (BH, Nq).
-__global__ void __launch_bounds__(THREADS) forward_kernel(const float* q, const float* k, const float* v, float* o,
-                                                          float* L, int Nq, int Nk, float softmax_scale, bool causal) {
-    extern __shared__ __align__(128) float smem[];
-    float *Q_big = smem, *Q_small = smem + TILE, *K_big = smem + 2 * TILE, *K_small = smem + 3 * TILE;
-    float *Vt_big = smem + 4 * TILE, *Vt_small = smem + 5 * TILE;
-    const int Tr = cdiv(Nq, Br), Tc = cdiv(Nk, Bc);
-    const int i = Tr - 1 - blockIdx.x;  // the query tiles with the most work first
-    const int64_t bh = blockIdx.y;
-    q += bh * Nq * d;
-    k += bh * Nk * d;
-    v += bh * Nk * d;
-    o += bh * Nq * d;
-    L += bh * Nq;
-    const int w = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
-    const float scale_log2 = softmax_scale * LOG2E;
-    const int last_row = min((i + 1) * Br, Nq) - 1;
-    const int Tc_end = causal ? min(Tc, last_row / Bc + 1) : Tc;
+// A warpgroup's running state (line 5): lane (g, t) of warp w holds rows 16w + g and
+// 16w + g + 8 of O_i (the accumulator fragment), their running max (base 2) and its part of
+// their sums.
+struct RowState {
+    float O[32], m[2], l[2];
+};
 
-    stage_rows(Q_big, Q_small, q, i * Br, Nq);  // line 4
-    float O[32] = {}, m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // line 5
+struct SplitTiles { const float *Q_big, *Q_small, *K_big, *K_small, *Vt_big, *Vt_small; };
 
-    for (int j = 0; j < Tc_end; ++j) {  // line 6
-        __syncthreads();                // every warp's products of tile j - 1 are done
-        stage_rows(K_big, K_small, k, j * Bc, Nk);  // line 7
-        stage_transposed(Vt_big, Vt_small, v, j * Bc, Nk);
-        fence_proxy_async();
-        __syncthreads();
+// Lines 8-10 for key tile j and the warpgroup's query rows row0 .. row0 + 63.
+__device__ __forceinline__ void attend(RowState& st, const SplitTiles& x, int row0, int j, int Nk, bool causal,
+                                       float scale_log2) {
+    const int w = threadIdx.x % 128 / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+    float S[32];  // line 8: S_ij = Q_i K_j^T, the small cross terms first
+    wgmma_fence();
+#pragma unroll
+    for (int s = 0; s < 8; ++s) wgmma_ss(S, tile_step(x.Q_small, s), tile_step(x.K_big, s), s > 0);
+#pragma unroll
+    for (int s = 0; s < 8; ++s) wgmma_ss(S, tile_step(x.Q_big, s), tile_step(x.K_small, s), 1);
+#pragma unroll
+    for (int s = 0; s < 8; ++s) wgmma_ss(S, tile_step(x.Q_big, s), tile_step(x.K_big, s), 1);
+    wgmma_commit();
+    wgmma_wait_all();
 
-        float S[32];  // line 8: S_ij = Q_i K_j^T, the small cross terms first
-        wgmma_fence();
+    // line 9: scale (base 2), mask, online softmax; S becomes P~ in place
 #pragma unroll
-        for (int s = 0; s < 8; ++s) wgmma_ss(S, tile_step(Q_small, s), tile_step(K_big, s), s > 0);
+    for (int h = 0; h < 2; ++h) {
+        const int row = row0 + 16 * w + g + 8 * h;
+        float row_max = st.m[h];
 #pragma unroll
-        for (int s = 0; s < 8; ++s) wgmma_ss(S, tile_step(Q_big, s), tile_step(K_small, s), 1);
+        for (int n = 0; n < 8; ++n)
 #pragma unroll
-        for (int s = 0; s < 8; ++s) wgmma_ss(S, tile_step(Q_big, s), tile_step(K_big, s), 1);
-        wgmma_commit();
-        wgmma_wait_all();
-
-        // line 9: scale (base 2), mask, online softmax; S becomes P~ in place
+            for (int e = 0; e < 2; ++e) {
+                const int key = j * Bc + 8 * n + 2 * t + e;
+                float& s = S[4 * n + 2 * h + e];
+                s = key >= Nk || (causal && key > row) ? -INFINITY : s * scale_log2;
+                row_max = fmaxf(row_max, s);
+            }
+        row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffffu, row_max, 1));
+        row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffffu, row_max, 2));
+        const float alpha = exp2f(st.m[h] - row_max);
+        st.m[h] = row_max;
+        st.l[h] *= alpha;
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int row = i * Br + 16 * w + g + 8 * h;
-            float row_max = m[h];
+        for (int n = 0; n < 8; ++n)
 #pragma unroll
-            for (int n = 0; n < 8; ++n)
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int key = j * Bc + 8 * n + 2 * t + e;
-                    float& x = S[4 * n + 2 * h + e];
-                    x = key >= Nk || (causal && key > row) ? -INFINITY : x * scale_log2;
-                    row_max = fmaxf(row_max, x);
-                }
-            row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffffu, row_max, 1));
-            row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffffu, row_max, 2));
-            const float alpha = exp2f(m[h] - row_max);
-            m[h] = row_max;
-            l[h] *= alpha;
-#pragma unroll
-            for (int n = 0; n < 8; ++n)
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    float& x = S[4 * n + 2 * h + e];
-                    x = exp2f(x - row_max);
-                    l[h] += x;
-                    O[4 * n + 2 * h + e] *= alpha;
-                }
-        }
-
-        float pv[32];  // line 10: O_i += P~_ij V_j, summed apart and added in FP32
-        uint32_t P_big[8][4], P_small[8][4];
-#pragma unroll
-        for (int s = 0; s < 8; ++s) p_fragment(P_big[s], P_small[s], S, s);
-        wgmma_fence();
-#pragma unroll
-        for (int s = 0; s < 8; ++s) wgmma_rs(pv, P_small[s], tile_step(Vt_big, s), s > 0);
-#pragma unroll
-        for (int s = 0; s < 8; ++s) wgmma_rs(pv, P_big[s], tile_step(Vt_small, s), 1);
-#pragma unroll
-        for (int s = 0; s < 8; ++s) wgmma_rs(pv, P_big[s], tile_step(Vt_big, s), 1);
-        wgmma_commit();
-        wgmma_wait_all();
-#pragma unroll
-        for (int e = 0; e < 32; ++e) O[e] += pv[e];
+            for (int e = 0; e < 2; ++e) {
+                float& s = S[4 * n + 2 * h + e];
+                s = exp2f(s - row_max);
+                st.l[h] += s;
+                st.O[4 * n + 2 * h + e] *= alpha;
+            }
     }
 
+    float pv[32];  // line 10: O_i += P~_ij V_j, summed apart and added in FP32
+    uint32_t P_big[8][4], P_small[8][4];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {  // lines 12-15
-        float l_row = l[h] + __shfl_xor_sync(0xffffffffu, l[h], 1);
+    for (int s = 0; s < 8; ++s) p_fragment(P_big[s], P_small[s], S, s);
+    wgmma_fence();
+#pragma unroll
+    for (int s = 0; s < 8; ++s) wgmma_rs(pv, P_small[s], tile_step(x.Vt_big, s), s > 0);
+#pragma unroll
+    for (int s = 0; s < 8; ++s) wgmma_rs(pv, P_big[s], tile_step(x.Vt_small, s), 1);
+#pragma unroll
+    for (int s = 0; s < 8; ++s) wgmma_rs(pv, P_big[s], tile_step(x.Vt_big, s), 1);
+    wgmma_commit();
+    wgmma_wait_all();
+#pragma unroll
+    for (int e = 0; e < 32; ++e) st.O[e] += pv[e];
+}
+
+// Lines 12-15: O_i / l_i and L_i for rows row0 .. row0 + 63 (those below Nq).
+__device__ __forceinline__ void write_rows(const RowState& st, float* o, float* L, int row0, int Nq) {
+    const int w = threadIdx.x % 128 / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        float l_row = st.l[h] + __shfl_xor_sync(0xffffffffu, st.l[h], 1);
         l_row += __shfl_xor_sync(0xffffffffu, l_row, 2);
-        const int row = i * Br + 16 * w + g + 8 * h;
+        const int row = row0 + 16 * w + g + 8 * h;
         if (row >= Nq) continue;
         const float inv_l = 1.f / l_row;
 #pragma unroll
         for (int n = 0; n < 8; ++n)
             *reinterpret_cast<float2*>(o + (int64_t)row * d + 8 * n + 2 * t) =
-                make_float2(O[4 * n + 2 * h] * inv_l, O[4 * n + 2 * h + 1] * inv_l);
-        if (t == 0) L[row] = m[h] / LOG2E + logf(l_row);
+                make_float2(st.O[4 * n + 2 * h] * inv_l, st.O[4 * n + 2 * h + 1] * inv_l);
+        if (t == 0) L[row] = st.m[h] / LOG2E + logf(l_row);
     }
 }
+
+__device__ __forceinline__ RowState fresh_rows() {
+    RowState st;
+#pragma unroll
+    for (int e = 0; e < 32; ++e) st.O[e] = 0.f;
+    st.m[0] = st.m[1] = -INFINITY;
+    st.l[0] = st.l[1] = 0.f;
+    return st;
+}
+
+// The key tiles rows row0 .. row0 + rows - 1 need (causal: up to the diagonal); 0 if none is below Nq.
+__device__ __forceinline__ int key_tiles(int row0, int rows, int Nq, int Nk, bool causal) {
+    if (row0 >= Nq) return 0;
+    const int last_row = min(row0 + rows, Nq) - 1;
+    return causal ? min(cdiv(Nk, Bc), last_row / Bc + 1) : cdiv(Nk, Bc);
+}
+
+// --- version 1: one warpgroup stages and computes ------------------------------------------
+
+constexpr size_t SMEM_V1 = 6 * TILE * sizeof(float);  // Q_i, K_j, V_j^T, each big and small: 96 KB
+
+// Block (query tile i of 64 rows, head bh); q, k, v, o contiguous (BH, N, 64); L (BH, Nq).
+__global__ void __launch_bounds__(128) forward_v1(const float* q, const float* k, const float* v, float* o, float* L,
+                                                  int Nq, int Nk, float softmax_scale, bool causal) {
+    extern __shared__ __align__(128) float smem[];
+    const SplitTiles x{smem, smem + TILE, smem + 2 * TILE, smem + 3 * TILE, smem + 4 * TILE, smem + 5 * TILE};
+    const int row0 = (gridDim.x - 1 - blockIdx.x) * 64;  // the query tiles with the most work first
+    const int64_t bh = blockIdx.y;
+    q += bh * Nq * d;
+    k += bh * Nk * d;
+    v += bh * Nk * d;
+    stage_rows(const_cast<float*>(x.Q_big), const_cast<float*>(x.Q_small), q, row0, Nq, threadIdx.x);  // line 4
+    RowState st = fresh_rows();                                                                          // line 5
+    const int Tc_end = key_tiles(row0, 64, Nq, Nk, causal);
+    for (int j = 0; j < Tc_end; ++j) {  // line 6
+        __syncthreads();                // every warp's products of tile j - 1 are done
+        stage_rows(const_cast<float*>(x.K_big), const_cast<float*>(x.K_small), k, j * Bc, Nk, threadIdx.x);  // line 7
+        stage_transposed(const_cast<float*>(x.Vt_big), const_cast<float*>(x.Vt_small), v, j * Bc, Nk, threadIdx.x);
+        fence_proxy_async();
+        __syncthreads();
+        attend(st, x, row0, j, Nk, causal, softmax_scale * LOG2E);  // lines 8-10
+    }
+    write_rows(st, o + bh * Nq * d, L + bh * Nq, row0, Nq);  // lines 12-15
+}
+
+// --- version 2: a producer warpgroup, two consumers, mbarriers ---------------------------
+
+constexpr int CONSUMERS = 2;
+constexpr size_t SMEM_V2 = (2 * CONSUMERS + 2 * 4) * TILE * sizeof(float)  // Q per consumer; 2 stages of K, V^T
+                           + 2 * 64 * RAW_STRIDE * sizeof(float)            // raw K_j, V_j
+                           + 4 * sizeof(uint64_t);                          // mbarriers: full[2], empty[2]
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+    asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(smem_addr(bar)) : "memory");
+}
+// Returns once the phase of parity `parity` of the barrier has completed.
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, int parity) {
+    uint32_t done;
+    do {
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done) : "r"(smem_addr(bar)), "r"(parity) : "memory");
+    } while (!done);
+}
+// A barrier for the 128 threads of one warpgroup (named barrier `id`; 0 is __syncthreads').
+template <int id>
+__device__ __forceinline__ void warpgroup_sync() { asm volatile("bar.sync %0, 128;\n" ::"n"(id) : "memory"); }
+// Registers per thread from here on (sm_90a; the kernel's cap, 168 at 384 threads, is where
+// each role starts): the producer gives back what the consumers take.
+template <int registers>
+__device__ __forceinline__ void registers_down() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(registers)); }
+template <int registers>
+__device__ __forceinline__ void registers_up() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(registers)); }
+
+// Block (query tile i of 128 rows, head bh). Warpgroup 0 stages key tile j into stage j % 2;
+// warpgroup 1 + c computes query rows 64c .. 64c + 63 of the tile. full[s]: the stage holds
+// its tile (128 producer arrivals); empty[s]: both consumers are done with it (256).
+__global__ void __launch_bounds__(128 * (1 + CONSUMERS), 1) forward_v2(const float* q, const float* k, const float* v,
+                                                                       float* o, float* L, int Nq, int Nk,
+                                                                       float softmax_scale, bool causal) {
+    extern __shared__ __align__(128) float smem[];
+    float* stages = smem + 2 * CONSUMERS * TILE;  // stage s: K_big, K_small, Vt_big, Vt_small
+    float* raw_K = stages + 2 * 4 * TILE;
+    float* raw_V = raw_K + 64 * RAW_STRIDE;
+    uint64_t* full = reinterpret_cast<uint64_t*>(raw_V + 64 * RAW_STRIDE);
+    uint64_t* empty = full + 2;
+    const int wg = threadIdx.x / 128, tid = threadIdx.x % 128;
+    const int block_row0 = (gridDim.x - 1 - blockIdx.x) * 64 * CONSUMERS;
+    const int64_t bh = blockIdx.y;
+    q += bh * Nq * d;
+    k += bh * Nk * d;
+    v += bh * Nk * d;
+    const int Tc_block = key_tiles(block_row0, 64 * CONSUMERS, Nq, Nk, causal);
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < 2; ++s) {
+            mbar_init(&full[s], 128);
+            mbar_init(&empty[s], 128 * CONSUMERS);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (wg == 0) {  // the producer: line 7 for every key tile, two stages ahead at most
+        registers_down<40>();
+        load_raw_async(raw_K, k, 0, Nk, tid);
+        load_raw_async(raw_V, v, 0, Nk, tid);
+        cp_async_commit();
+        for (int j = 0; j < Tc_block; ++j) {
+            const int s = j % 2;
+            float* stage = stages + 4 * s * TILE;
+            cp_async_wait_all();
+            warpgroup_sync<1>();                      // raw tile j landed, for every producer thread
+            mbar_wait(&empty[s], (j / 2 + 1) % 2);    // the consumers are done with tile j - 2
+            split_rows(stage, stage + TILE, raw_K, tid);
+            split_transposed(stage + 2 * TILE, stage + 3 * TILE, raw_V, tid);
+            fence_proxy_async();                      // the split tiles, visible to wgmma
+            mbar_arrive(&full[s]);
+            warpgroup_sync<1>();                      // every producer thread is done with the raw tile
+            if (j + 1 < Tc_block) {
+                load_raw_async(raw_K, k, (j + 1) * Bc, Nk, tid);
+                load_raw_async(raw_V, v, (j + 1) * Bc, Nk, tid);
+                cp_async_commit();
+            }
+        }
+    } else {  // consumer c: lines 4-15 for its 64 query rows
+        registers_up<232>();  // 128 x 40 + 256 x 232 <= 65536
+        const int c = wg - 1, row0 = block_row0 + 64 * c;
+        float* Q_big = smem + 2 * c * TILE;
+        stage_rows(Q_big, Q_big + TILE, q, row0, Nq, tid);  // line 4
+        fence_proxy_async();
+        if (c == 0) warpgroup_sync<2>();
+        else warpgroup_sync<3>();
+        RowState st = fresh_rows();  // line 5
+        const int Tc_end = key_tiles(row0, 64, Nq, Nk, causal);
+        for (int j = 0; j < Tc_block; ++j) {  // line 6, in step with the producer's stages
+            const int s = j % 2;
+            const float* stage = stages + 4 * s * TILE;
+            mbar_wait(&full[s], (j / 2) % 2);
+            if (j < Tc_end)
+                attend(st, {Q_big, Q_big + TILE, stage, stage + TILE, stage + 2 * TILE, stage + 3 * TILE}, row0, j, Nk,
+                       causal, softmax_scale * LOG2E);  // lines 8-10; its wgmma are done on return
+            mbar_arrive(&empty[s]);
+        }
+        if (row0 < Nq) write_rows(st, o + bh * Nq * d, L + bh * Nq, row0, Nq);  // lines 12-15
+    }
+}
+
+// --- host -------------------------------------------------------------------------------
 
 struct Problem {
     int BH, Nq, Nk;
@@ -195,7 +386,7 @@ Problem random_problem(int BH, int Nq, int Nk, bool causal, unsigned seed) {
     Problem p{BH, Nq, Nk, causal, {}, {}, {}};
     auto fill = [](std::vector<float>& x, size_t n) {
         x.resize(n);
-        for (float& e : x) {  // normal by Box-Muller
+        for (float& e : x) {  // normal, by Box-Muller
             const double u1 = (rand() + 1.0) / (RAND_MAX + 2.0), u2 = rand() / (RAND_MAX + 1.0);
             e = (float)(sqrt(-2 * log(u1)) * cos(2 * M_PI * u2));
         }
@@ -206,8 +397,9 @@ Problem random_problem(int BH, int Nq, int Nk, bool causal, unsigned seed) {
     return p;
 }
 
-// Runs the kernel; returns its median time in ms over `reps` launches (0: one launch, untimed).
-float run(const Problem& p, std::vector<float>& O, std::vector<float>& Lse, int reps) {
+// Runs version `version` once, then `reps` more times between CUDA events; returns the
+// median time in ms (0 when reps = 0) and leaves O and L in the vectors.
+float run(int version, const Problem& p, std::vector<float>& O, std::vector<float>& Lse, int reps) {
     float *q, *k, *v, *o, *L;
     const size_t nq = (size_t)p.BH * p.Nq * d, nk = (size_t)p.BH * p.Nk * d;
     CHECK(cudaMalloc(&q, nq * 4));
@@ -219,10 +411,14 @@ float run(const Problem& p, std::vector<float>& O, std::vector<float>& Lse, int 
     CHECK(cudaMemcpy(k, p.k.data(), nk * 4, cudaMemcpyHostToDevice));
     CHECK(cudaMemcpy(v, p.v.data(), nk * 4, cudaMemcpyHostToDevice));
     CHECK(cudaMemset(o, 0xff, nq * 4));  // NaN: an element left unwritten shows
-    CHECK(cudaFuncSetAttribute(forward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)SMEM));
-    const dim3 grid(cdiv(p.Nq, Br), p.BH);
+    CHECK(cudaFuncSetAttribute(forward_v1, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)SMEM_V1));
+    CHECK(cudaFuncSetAttribute(forward_v2, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)SMEM_V2));
     auto launch = [&] {
-        forward_kernel<<<grid, THREADS, SMEM>>>(q, k, v, o, L, p.Nq, p.Nk, 0.125f, p.causal);
+        if (version == 1)
+            forward_v1<<<dim3(cdiv(p.Nq, 64), p.BH), 128, SMEM_V1>>>(q, k, v, o, L, p.Nq, p.Nk, 0.125f, p.causal);
+        else
+            forward_v2<<<dim3(cdiv(p.Nq, 64 * CONSUMERS), p.BH), 128 * (1 + CONSUMERS), SMEM_V2>>>(
+                q, k, v, o, L, p.Nq, p.Nk, 0.125f, p.causal);
         CHECK(cudaGetLastError());
     };
     launch();
@@ -252,11 +448,11 @@ float run(const Problem& p, std::vector<float>& O, std::vector<float>& Lse, int 
     return times[times.size() / 2];
 }
 
-// max |O - O64| and max |L - L64| against attention in float64.
-bool check(int BH, int Nq, int Nk, bool causal) {
+// max |O - O64| and max |L - L64| against attention in float64 (Part II's errors: ~1e-6).
+bool check(int version, int BH, int Nq, int Nk, bool causal) {
     const Problem p = random_problem(BH, Nq, Nk, causal, 1234 + Nq + Nk);
     std::vector<float> O, Lse;
-    run(p, O, Lse, 0);
+    run(version, p, O, Lse, 0);
     double err_o = 0, err_l = 0;
     std::vector<double> s(Nk);
     for (int bh = 0; bh < BH; ++bh)
@@ -279,8 +475,8 @@ bool check(int BH, int Nq, int Nk, bool causal) {
             err_l = fmax(err_l, fabs(Lse[(size_t)bh * Nq + r] - (mx + log(sum))));
         }
     const bool ok = err_o < 1e-5 && err_l < 1e-5;
-    printf("check BH=%d Nq=%d Nk=%d causal=%d: max err O %.2e, L %.2e  %s\n", BH, Nq, Nk, causal, err_o, err_l,
-           ok ? "ok" : "WRONG");
+    printf("version %d, BH=%d Nq=%d Nk=%d causal=%d: max err O %.2e, L %.2e  %s\n", version, BH, Nq, Nk, causal,
+           err_o, err_l, ok ? "ok" : "WRONG");
     return ok;
 }
 
@@ -293,18 +489,21 @@ int main() {
         return 1;
     }
     bool ok = true;
-    for (bool causal : {false, true}) {
-        ok &= check(2, 64, 64, causal);
-        ok &= check(3, 200, 200, causal);
-        ok &= check(2, 100, 37, causal);
-        ok &= check(2, 37, 300, causal);
-    }
+    for (int version : {1, 2})
+        for (bool causal : {false, true}) {
+            ok &= check(version, 2, 64, 64, causal);
+            ok &= check(version, 3, 200, 200, causal);
+            ok &= check(version, 2, 100, 37, causal);
+            ok &= check(version, 2, 37, 300, causal);
+            ok &= check(version, 1, 300, 130, causal);
+        }
     std::vector<float> O, Lse;
-    for (bool causal : {false, true}) {
-        const Problem p = random_problem(16, 4096, 4096, causal, 7);
-        const float ms = run(p, O, Lse, 20);
-        const double flop = 4.0 * 16 * 4096.0 * 4096.0 * d / (causal ? 2 : 1);
-        printf("B*H=16, N=4096, causal=%d: %.3f ms, %.1f TFLOP/s\n", causal, ms, flop / ms / 1e9);
-    }
+    for (int version : {1, 2})
+        for (bool causal : {false, true}) {
+            const Problem p = random_problem(16, 4096, 4096, causal, 7);
+            const float ms = run(version, p, O, Lse, 20);
+            const double flop = 4.0 * 16 * 4096.0 * 4096.0 * d / (causal ? 2 : 1);
+            printf("version %d, B*H=16, N=4096, causal=%d: %.3f ms, %.1f TFLOP/s\n", version, causal, ms, flop / ms / 1e9);
+        }
     return ok ? 0 : 1;
 }
