@@ -144,7 +144,7 @@ struct RowState {
     float O[32], m[2], l[2];
 };
 
-struct SplitTiles { const float *Q_big, *Q_small, *K_big, *K_small, *Vt_big, *Vt_small; };
+struct SplitTiles { float *Q_big, *Q_small, *K_big, *K_small, *Vt_big, *Vt_small; };
 
 // Line 8, issued: S_ij = Q_i K_j^T, the small cross terms first; runs until wgmma_wait_all.
 __device__ __forceinline__ void issue_scores(float (&S)[32], const SplitTiles& x) {
@@ -271,13 +271,13 @@ __global__ void __launch_bounds__(128) forward_v1(const float* q, const float* k
     q += bh * Nq * d;
     k += bh * Nk * d;
     v += bh * Nk * d;
-    stage_rows(const_cast<float*>(x.Q_big), const_cast<float*>(x.Q_small), q, row0, Nq, threadIdx.x);  // line 4
+    stage_rows(x.Q_big, x.Q_small, q, row0, Nq, threadIdx.x);  // line 4
     RowState st = fresh_rows();                                                                          // line 5
     const int Tc_end = key_tiles(row0, 64, Nq, Nk, causal);
     for (int j = 0; j < Tc_end; ++j) {  // line 6
         __syncthreads();                // every warp's products of tile j - 1 are done
-        stage_rows(const_cast<float*>(x.K_big), const_cast<float*>(x.K_small), k, j * Bc, Nk, threadIdx.x);  // line 7
-        stage_transposed(const_cast<float*>(x.Vt_big), const_cast<float*>(x.Vt_small), v, j * Bc, Nk, threadIdx.x);
+        stage_rows(x.K_big, x.K_small, k, j * Bc, Nk, threadIdx.x);  // line 7
+        stage_transposed(x.Vt_big, x.Vt_small, v, j * Bc, Nk, threadIdx.x);
         fence_proxy_async();
         __syncthreads();
         attend(st, x, row0, j, Nk, causal, softmax_scale * LOG2E);  // lines 8-10
@@ -382,7 +382,7 @@ __global__ void __launch_bounds__(128 * (1 + CONSUMERS), 1) forward_v2(const flo
         RowState st = fresh_rows();  // line 5
         const int Tc_end = key_tiles(row0, 64, Nq, Nk, causal);
         auto tiles = [&](int j) {
-            const float* stage = stages + 4 * (j % 2) * TILE;
+            float* stage = stages + 4 * (j % 2) * TILE;
             return SplitTiles{Q_big, Q_big + TILE, stage, stage + TILE, stage + 2 * TILE, stage + 3 * TILE};
         };
         if constexpr (!overlap) {
