@@ -31,11 +31,17 @@ __device__ __forceinline__ void split(float x, float& big, float& small) {
     big = __uint_as_float((__float_as_uint(x) + 0x1000u) & 0xffffe000u);
     small = x - big;
 }
-__device__ __forceinline__ void split4(float4 x, float4& big, float4& small) {
-    split(x.x, big.x, small.x);
-    split(x.y, big.y, small.y);
-    split(x.z, big.z, small.z);
-    split(x.w, big.w, small.w);
+// Splits x and stores the parts at elements (r, k .. k + 3) of a 64 x 64 tile in wgmma's
+// layout (k a multiple of 4: one 16-byte row of a core matrix).
+__device__ __forceinline__ void store_split4(float* big, float* small, int r, int k, float4 x) {
+    float4 b, s;
+    split(x.x, b.x, s.x);
+    split(x.y, b.y, s.y);
+    split(x.z, b.z, s.z);
+    split(x.w, b.w, s.w);
+    const int at = element_at(kgroup_major, r, k, 64, 64);
+    *reinterpret_cast<float4*>(big + at) = b;
+    *reinterpret_cast<float4*>(small + at) = s;
 }
 
 // P's accumulator fragment holds keys 8s + 2t and 8s + 2t + 1 where wgmma's A fragment has
@@ -59,11 +65,7 @@ __device__ void stage_rows(float* big, float* small, const float* src, int row0,
         const int r = 8 * (f / 128) + f % 8, c = f / 8 % 16;  // row r, floats 4c .. 4c + 3
         const float4 x = row0 + r < N ? *reinterpret_cast<const float4*>(src + (int64_t)(row0 + r) * d + 4 * c)
                                       : make_float4(0.f, 0.f, 0.f, 0.f);
-        float4 b, s;
-        split4(x, b, s);
-        const int at = element_at(kgroup_major, r, 4 * c, 64, 64);
-        *reinterpret_cast<float4*>(big + at) = b;
-        *reinterpret_cast<float4*>(small + at) = s;
+        store_split4(big, small, r, 4 * c, x);
     }
 }
 
@@ -99,11 +101,7 @@ __device__ void load_raw_async(float* raw, const float* src, int row0, int N, in
 __device__ void split_rows(float* big, float* small, const float* raw, int tid) {
     for (int f = tid; f < 64 * 16; f += 128) {
         const int r = 8 * (f / 128) + f % 8, c = f / 8 % 16;
-        float4 b, s;
-        split4(*reinterpret_cast<const float4*>(raw + r * RAW_STRIDE + 4 * c), b, s);
-        const int at = element_at(kgroup_major, r, 4 * c, 64, 64);
-        *reinterpret_cast<float4*>(big + at) = b;
-        *reinterpret_cast<float4*>(small + at) = s;
+        store_split4(big, small, r, 4 * c, *reinterpret_cast<const float4*>(raw + r * RAW_STRIDE + 4 * c));
     }
 }
 // stage_transposed from a raw tile: a thread gathers 4 keys of one column and stores them as
@@ -113,11 +111,7 @@ __device__ void split_transposed(float* big, float* small, const float* raw, int
         const int n = f % 64, position = 4 * (f / 64);
         const float4 x = make_float4(raw[key_at(position) * RAW_STRIDE + n], raw[key_at(position + 1) * RAW_STRIDE + n],
                                      raw[key_at(position + 2) * RAW_STRIDE + n], raw[key_at(position + 3) * RAW_STRIDE + n]);
-        float4 b, s;
-        split4(x, b, s);
-        const int at = element_at(kgroup_major, n, position, 64, 64);
-        *reinterpret_cast<float4*>(big + at) = b;
-        *reinterpret_cast<float4*>(small + at) = s;
+        store_split4(big, small, n, position, x);
     }
 }
 
