@@ -7,8 +7,8 @@
 // Version 1: one warpgroup per block, which stages each K_j and V_j^T itself (load, split,
 // store in wgmma's layout) between its products. Version 2: a producer warpgroup stages
 // them into two stages of shared memory (cp.async into a raw tile, then the split), for
-// two consumer warpgroups (128 query rows), handing stages over with mbarriers. Version 3:
-// version 2 with each consumer's next S chain on the tensor cores during its softmax.
+// two consumer warpgroups (128 query rows), handing stages over with mbarriers (version 3,
+// which issued the next S chain during the softmax, was slower: NOTES.md, v12).
 // Both are checked against float64 on the CPU (small shapes, causal and not, odd lengths),
 // then timed at B*H = 16, N = 4096.
 //   nvcc -gencode arch=compute_90a,code=sm_90a -O3 -o /tmp/hopper_forward benchmarks/hopper_forward.cu && /tmp/hopper_forward
@@ -315,9 +315,6 @@ __device__ __forceinline__ void registers_up() { asm volatile("setmaxnreg.inc.sy
 // its tile (128 producer arrivals); empty[s]: both consumers are done with it (256). A
 // consumer waits on full[s] before it arrives on empty[s] for every tile, its own or not,
 // so that no arrival runs a phase ahead.
-// overlap (version 3): a consumer issues tile j + 1's S chain before tile j's softmax, so
-// that the tensor cores compute it meanwhile.
-template <bool overlap>
 __global__ void __launch_bounds__(128 * (1 + CONSUMERS), 1) forward_v2(const float* q, const float* k, const float* v,
                                                                        float* o, float* L, int Nq, int Nk,
                                                                        float softmax_scale, bool causal) {
@@ -379,40 +376,10 @@ __global__ void __launch_bounds__(128 * (1 + CONSUMERS), 1) forward_v2(const flo
             float* stage = stages + 4 * (j % 2) * TILE;
             return SplitTiles{Q_big, Q_big + TILE, stage, stage + TILE, stage + 2 * TILE, stage + 3 * TILE};
         };
-        if constexpr (!overlap) {
-            for (int j = 0; j < Tc_block; ++j) {  // line 6, in step with the producer's stages
-                mbar_wait(&full[j % 2], (j / 2) % 2);
-                if (j < Tc_end) attend(st, tiles(j), row0, j, Nk, causal, softmax_scale * LOG2E);  // lines 8-10
-                mbar_arrive(&empty[j % 2]);
-            }
-        } else {
-            float S[32], S_next[32], pv[32];
-            uint32_t P_big[8][4], P_small[8][4];
-            if (Tc_end > 0) {
-                mbar_wait(&full[0], 0);
-                issue_scores(S, tiles(0));
-                wgmma_wait_all();
-            }
-            for (int j = 0; j < Tc_block; ++j) {
-                if (j < Tc_end) {  // tile j's stage was waited for when its S chain was issued
-                    const bool next = j + 1 < Tc_end;
-                    if (next) {
-                        mbar_wait(&full[(j + 1) % 2], ((j + 1) / 2) % 2);
-                        issue_scores(S_next, tiles(j + 1));  // line 8 for j + 1, during line 9 for j
-                    }
-                    online_softmax(st, S, row0, j, Nk, causal, softmax_scale * LOG2E);
-                    issue_pv(pv, P_big, P_small, S, tiles(j));
-                    wgmma_wait_all();
-#pragma unroll
-                    for (int e = 0; e < 32; ++e) st.O[e] += pv[e];
-                    if (next)
-#pragma unroll
-                        for (int e = 0; e < 32; ++e) S[e] = S_next[e];
-                } else {
-                    mbar_wait(&full[j % 2], (j / 2) % 2);
-                }
-                mbar_arrive(&empty[j % 2]);
-            }
+        for (int j = 0; j < Tc_block; ++j) {  // line 6, in step with the producer's stages
+            mbar_wait(&full[j % 2], (j / 2) % 2);
+            if (j < Tc_end) attend(st, tiles(j), row0, j, Nk, causal, softmax_scale * LOG2E);  // lines 8-10
+            mbar_arrive(&empty[j % 2]);
         }
         if (row0 < Nq) write_rows(st, o + bh * Nq * d, L + bh * Nq, row0, Nq);  // lines 12-15
     }
@@ -457,14 +424,12 @@ float run(int version, const Problem& p, std::vector<float>& O, std::vector<floa
     CHECK(cudaMemcpy(v, p.v.data(), nk * 4, cudaMemcpyHostToDevice));
     CHECK(cudaMemset(o, 0xff, nq * 4));  // NaN: an element left unwritten shows
     CHECK(cudaFuncSetAttribute(forward_v1, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)SMEM_V1));
-    CHECK(cudaFuncSetAttribute(forward_v2<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)SMEM_V2));
-    CHECK(cudaFuncSetAttribute(forward_v2<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)SMEM_V2));
+    CHECK(cudaFuncSetAttribute(forward_v2, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)SMEM_V2));
     auto launch = [&] {
         if (version == 1)
             forward_v1<<<dim3(cdiv(p.Nq, 64), p.BH), 128, SMEM_V1>>>(q, k, v, o, L, p.Nq, p.Nk, 0.125f, p.causal);
         else
-            (version == 2 ? forward_v2<false> : forward_v2<true>)<<<dim3(cdiv(p.Nq, 64 * CONSUMERS), p.BH),
-                                                                  128 * (1 + CONSUMERS), SMEM_V2>>>(
+            forward_v2<<<dim3(cdiv(p.Nq, 64 * CONSUMERS), p.BH), 128 * (1 + CONSUMERS), SMEM_V2>>>(
                 q, k, v, o, L, p.Nq, p.Nk, 0.125f, p.causal);
         CHECK(cudaGetLastError());
     };
@@ -536,7 +501,7 @@ int main() {
         return 1;
     }
     bool ok = true;
-    for (int version : {1, 2, 3})
+    for (int version : {1, 2})
         for (bool causal : {false, true}) {
             ok &= check(version, 2, 64, 64, causal);
             ok &= check(version, 3, 200, 200, causal);
@@ -545,7 +510,7 @@ int main() {
             ok &= check(version, 1, 300, 130, causal);
         }
     std::vector<float> O, Lse;
-    for (int version : {1, 2, 3})
+    for (int version : {1, 2})
         for (bool causal : {false, true}) {
             const Problem p = random_problem(16, 4096, 4096, causal, 7);
             const float ms = run(version, p, O, Lse, 20);
