@@ -7,9 +7,10 @@
 // Version 1: one warpgroup per block, which stages each K_j and V_j^T itself (load, split,
 // store in wgmma's layout) between its products. Version 2: a producer warpgroup stages
 // them into two stages of shared memory (cp.async into a raw tile, then the split), for
-// two consumer warpgroups (128 query rows), handing stages over with mbarriers (version 3,
-// which issued the next S chain during the softmax, was slower: NOTES.md, v12).
-// Both are checked against float64 on the CPU (small shapes, causal and not, odd lengths),
+// two consumer warpgroups (128 query rows), handing stages over with mbarriers. Version 3:
+// version 2 with the consumers issuing their products in turns (ping-pong). An earlier
+// version 3, each consumer's next S chain issued during its softmax, was slower (NOTES.md,
+// v12). All are checked against float64 on the CPU (small shapes, causal and not, odd lengths),
 // then timed at B*H = 16, N = 4096.
 //   nvcc -gencode arch=compute_90a,code=sm_90a -O3 -o /tmp/hopper_forward benchmarks/hopper_forward.cu && /tmp/hopper_forward
 #include <algorithm>
@@ -186,12 +187,16 @@ __device__ __forceinline__ void online_softmax(RowState& st, float (&S)[32], int
     }
 }
 
-// Line 10, issued: pv = P~_ij V_j (to be added to O_i in FP32 once done), with P split into
-// P_big, P_small, which must stay untouched until wgmma_wait_all.
-__device__ __forceinline__ void issue_pv(float (&pv)[32], uint32_t (&P_big)[8][4], uint32_t (&P_small)[8][4],
-                                         const float (&S)[32], const SplitTiles& x) {
+// P~_ij (in S) split into wgmma's A fragments for line 10.
+__device__ __forceinline__ void split_p(uint32_t (&P_big)[8][4], uint32_t (&P_small)[8][4], const float (&S)[32]) {
 #pragma unroll
     for (int s = 0; s < 8; ++s) p_fragment(P_big[s], P_small[s], S, s);
+}
+
+// Line 10, issued: pv = P~_ij V_j (to be added to O_i in FP32 once done); P_big, P_small
+// must stay untouched until wgmma_wait_all.
+__device__ __forceinline__ void issue_pv(float (&pv)[32], const uint32_t (&P_big)[8][4],
+                                         const uint32_t (&P_small)[8][4], const SplitTiles& x) {
     wgmma_fence();
 #pragma unroll
     for (int s = 0; s < 8; ++s) wgmma_rs(pv, P_small[s], tile_step(x.Vt_big, s), s > 0);
@@ -211,7 +216,50 @@ __device__ __forceinline__ void attend(RowState& st, const SplitTiles& x, int ro
     issue_scores(S, x);
     wgmma_wait_all();
     online_softmax(st, S, row0, j, Nk, causal, scale_log2);
-    issue_pv(pv, P_big, P_small, S, x);
+    split_p(P_big, P_small, S);
+    issue_pv(pv, P_big, P_small, x);
+    wgmma_wait_all();
+#pragma unroll
+    for (int e = 0; e < 32; ++e) st.O[e] += pv[e];
+}
+
+// Version 3's order between the two consumers (FlashAttention-3's "ping-pong"): they
+// issue their chains of wgmma in turns, S of consumer 0, S of consumer 1, P V of consumer
+// 0, P V of consumer 1, ..., so that one's softmax runs while the other's products occupy
+// the tensor cores. Named barrier 4 + c is consumer c's turn: it waits there with its 128
+// threads for the other's 128 to arrive, which they do right after issuing their chain.
+// Consumer 1 arrives once at the start (consumer 0 goes first) and consumer 0 waits once
+// at the end (for consumer 1's last arrival), so that every barrier phase completes.
+struct Turns {
+    int mine, theirs;  // named barrier ids
+    __device__ __forceinline__ void wait() const { asm volatile("bar.sync %0, 256;\n" ::"r"(mine) : "memory"); }
+    __device__ __forceinline__ void pass() const { asm volatile("bar.arrive %0, 256;\n" ::"r"(theirs) : "memory"); }
+};
+
+// attend() in turns; with compute false (no row of this consumer sees tile j) the consumer
+// only takes its two turns, so that both take the same number. (Each chain's issue and wait
+// stay in one branch: a chain in flight across a branch's end makes ptxas serialize every
+// wgmma, C7518.)
+__device__ __forceinline__ void attend_in_turns(RowState& st, const SplitTiles& x, int row0, int j, int Nk,
+                                                bool causal, float scale_log2, bool compute, const Turns& turns) {
+    if (!compute) {
+        for (int turn = 0; turn < 2; ++turn) {
+            turns.wait();
+            turns.pass();
+        }
+        return;
+    }
+    float S[32], pv[32];
+    uint32_t P_big[8][4], P_small[8][4];
+    turns.wait();
+    issue_scores(S, x);
+    turns.pass();
+    wgmma_wait_all();
+    online_softmax(st, S, row0, j, Nk, causal, scale_log2);
+    split_p(P_big, P_small, S);
+    turns.wait();
+    issue_pv(pv, P_big, P_small, x);
+    turns.pass();
     wgmma_wait_all();
 #pragma unroll
     for (int e = 0; e < 32; ++e) st.O[e] += pv[e];
@@ -314,7 +362,9 @@ __device__ __forceinline__ void registers_up() { asm volatile("setmaxnreg.inc.sy
 // warpgroup 1 + c computes query rows 64c .. 64c + 63 of the tile. full[s]: the stage holds
 // its tile (128 producer arrivals); empty[s]: both consumers are done with it (256). A
 // consumer waits on full[s] before it arrives on empty[s] for every tile, its own or not,
-// so that no arrival runs a phase ahead.
+// so that no arrival runs a phase ahead. pingpong (version 3): the consumers take turns
+// (attend_in_turns).
+template <bool pingpong>
 __global__ void __launch_bounds__(128 * (1 + CONSUMERS), 1) forward_v2(const float* q, const float* k, const float* v,
                                                                        float* o, float* L, int Nq, int Nk,
                                                                        float softmax_scale, bool causal) {
@@ -376,11 +426,17 @@ __global__ void __launch_bounds__(128 * (1 + CONSUMERS), 1) forward_v2(const flo
             float* stage = stages + 4 * (j % 2) * TILE;
             return SplitTiles{Q_big, Q_big + TILE, stage, stage + TILE, stage + 2 * TILE, stage + 3 * TILE};
         };
+        const Turns turns{4 + c, 4 + (1 - c)};
+        if (pingpong && c == 1) turns.pass();
         for (int j = 0; j < Tc_block; ++j) {  // line 6, in step with the producer's stages
             mbar_wait(&full[j % 2], (j / 2) % 2);
-            if (j < Tc_end) attend(st, tiles(j), row0, j, Nk, causal, softmax_scale * LOG2E);  // lines 8-10
+            if constexpr (pingpong)
+                attend_in_turns(st, tiles(j), row0, j, Nk, causal, softmax_scale * LOG2E, j < Tc_end, turns);
+            else if (j < Tc_end)
+                attend(st, tiles(j), row0, j, Nk, causal, softmax_scale * LOG2E);  // lines 8-10
             mbar_arrive(&empty[j % 2]);
         }
+        if (pingpong && c == 0) turns.wait();
         if (row0 < Nq) write_rows(st, o + bh * Nq * d, L + bh * Nq, row0, Nq);  // lines 12-15
     }
 }
@@ -424,12 +480,14 @@ float run(int version, const Problem& p, std::vector<float>& O, std::vector<floa
     CHECK(cudaMemcpy(v, p.v.data(), nk * 4, cudaMemcpyHostToDevice));
     CHECK(cudaMemset(o, 0xff, nq * 4));  // NaN: an element left unwritten shows
     CHECK(cudaFuncSetAttribute(forward_v1, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)SMEM_V1));
-    CHECK(cudaFuncSetAttribute(forward_v2, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)SMEM_V2));
+    CHECK(cudaFuncSetAttribute(forward_v2<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)SMEM_V2));
+    CHECK(cudaFuncSetAttribute(forward_v2<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)SMEM_V2));
     auto launch = [&] {
         if (version == 1)
             forward_v1<<<dim3(cdiv(p.Nq, 64), p.BH), 128, SMEM_V1>>>(q, k, v, o, L, p.Nq, p.Nk, 0.125f, p.causal);
         else
-            forward_v2<<<dim3(cdiv(p.Nq, 64 * CONSUMERS), p.BH), 128 * (1 + CONSUMERS), SMEM_V2>>>(
+            (version == 2 ? forward_v2<false> : forward_v2<true>)<<<dim3(cdiv(p.Nq, 64 * CONSUMERS), p.BH),
+                                                                  128 * (1 + CONSUMERS), SMEM_V2>>>(
                 q, k, v, o, L, p.Nq, p.Nk, 0.125f, p.causal);
         CHECK(cudaGetLastError());
     };
@@ -501,7 +559,7 @@ int main() {
         return 1;
     }
     bool ok = true;
-    for (int version : {1, 2})
+    for (int version : {1, 2, 3})
         for (bool causal : {false, true}) {
             ok &= check(version, 2, 64, 64, causal);
             ok &= check(version, 3, 200, 200, causal);
@@ -510,7 +568,7 @@ int main() {
             ok &= check(version, 1, 300, 130, causal);
         }
     std::vector<float> O, Lse;
-    for (int version : {1, 2})
+    for (int version : {1, 2, 3})
         for (bool causal : {false, true}) {
             const Problem p = random_problem(16, 4096, 4096, causal, 7);
             const float ms = run(version, p, O, Lse, 20);
