@@ -105,15 +105,34 @@ __device__ void split_rows(float* big, float* small, const float* raw, int tid) 
         store_split4(big, small, r, 4 * c, *reinterpret_cast<const float4*>(raw + r * RAW_STRIDE + 4 * c));
     }
 }
+// x, or 0 where x is a NaN or an infinity (then `found` is set).
+__device__ __forceinline__ float finite_or_zero(float x, bool& found) {
+    found |= !isfinite(x);
+    return isfinite(x) ? x : 0.f;
+}
 // stage_transposed from a raw tile: a thread gathers 4 keys of one column and stores them as
-// one float4 of V_j^T's row n; each 8 lanes store one core matrix.
-__device__ void split_transposed(float* big, float* small, const float* raw, int tid) {
+// one float4 of V_j^T's row n; each 8 lanes store one core matrix. A NaN or Inf is staged
+// as 0 (see add_nonfinite_pv); returns whether this thread met one.
+__device__ bool split_transposed(float* big, float* small, const float* raw, int tid) {
+    bool found = false;
     for (int f = tid; f < 64 * 16; f += 128) {
         const int n = f % 64, position = 4 * (f / 64);
-        const float4 x = make_float4(raw[key_at(position) * RAW_STRIDE + n], raw[key_at(position + 1) * RAW_STRIDE + n],
-                                     raw[key_at(position + 2) * RAW_STRIDE + n], raw[key_at(position + 3) * RAW_STRIDE + n]);
+        const float* column = raw + n;
+        const float4 x = make_float4(finite_or_zero(column[key_at(position) * RAW_STRIDE], found),
+                                     finite_or_zero(column[key_at(position + 1) * RAW_STRIDE], found),
+                                     finite_or_zero(column[key_at(position + 2) * RAW_STRIDE], found),
+                                     finite_or_zero(column[key_at(position + 3) * RAW_STRIDE], found));
         store_split4(big, small, n, position, x);
     }
+    return found;
+}
+// Whether any of the 128 threads of warpgroup barrier `id` passes true (a barrier too).
+template <int id>
+__device__ __forceinline__ bool warpgroup_any(bool x) {
+    uint32_t any;
+    asm volatile("{\n.reg .pred p, q;\nsetp.ne.u32 q, %1, 0;\nbar.red.or.pred p, %2, 128, q;\nselp.u32 %0, 1, 0, p;\n}\n"
+                 : "=r"(any) : "r"((uint32_t)x), "n"(id) : "memory");
+    return any;
 }
 
 // --- one tile: lines 8-10 of Algorithm 1 for a warpgroup's 64 query rows ------------------
@@ -207,10 +226,44 @@ __device__ __forceinline__ void issue_pv(float (&pv)[32], const uint32_t (&P_big
     wgmma_commit();
 }
 
+// The rare path of line 10. A NaN or Inf in V_j times a hidden key's P = 0 would give
+// NaN inside the wgmma, in rows that do not see that key; so the producer stages them as 0
+// and flags the tile, and each row then adds, one by one, P~ times the non-finite values
+// of the keys it sees, read from global memory (v: the head's V). P~ comes from the 4 lanes
+// of the row's quad: lane t holds keys 8n + 2t and 8n + 2t + 1.
+__device__ __forceinline__ void add_nonfinite_pv(RowState& st, const float (&S)[32], const float* v, int row0, int j,
+                                              int Nk, bool causal) {
+    const int w = threadIdx.x % 128 / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4, lane = threadIdx.x % 32;
+    for (int owner = 0; owner < 4; ++owner)
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int key = j * Bc + 8 * n + 2 * owner + e;
+                float p[2];
+                bool sees[2];
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    p[h] = __shfl_sync(0xffffffffu, S[4 * n + 2 * h + e], (lane & ~3) | owner);
+                    sees[h] = key < Nk && !(causal && key > row0 + 16 * w + g + 8 * h);
+                }
+                if (!sees[0] && !sees[1]) continue;
+#pragma unroll
+                for (int c = 0; c < 16; ++c) {  // the thread's columns 8 (c / 2) + 2t + c % 2
+                    const float x = v[(int64_t)key * d + 8 * (c / 2) + 2 * t + c % 2];
+                    if (isfinite(x)) continue;
+#pragma unroll
+                    for (int h = 0; h < 2; ++h)
+                        if (sees[h]) st.O[4 * (c / 2) + 2 * h + c % 2] += p[h] * x;
+                }
+            }
+}
+
 // Lines 8-10 for key tile j and the warpgroup's query rows row0 .. row0 + 63, one after the
-// other; its wgmma are done on return.
+// other; its wgmma are done on return. nonfinite_v: the tile's V was staged with its NaN
+// and Inf as 0 (version 2 on; v is then the head's V).
 __device__ __forceinline__ void attend(RowState& st, const SplitTiles& x, int row0, int j, int Nk, bool causal,
-                                       float scale_log2) {
+                                       float scale_log2, bool nonfinite_v, const float* v) {
     float S[32], pv[32];
     uint32_t P_big[8][4], P_small[8][4];
     issue_scores(S, x);
@@ -221,6 +274,7 @@ __device__ __forceinline__ void attend(RowState& st, const SplitTiles& x, int ro
     wgmma_wait_all();
 #pragma unroll
     for (int e = 0; e < 32; ++e) st.O[e] += pv[e];
+    if (nonfinite_v) add_nonfinite_pv(st, S, v, row0, j, Nk, causal);
 }
 
 // Version 3's order between the two consumers (FlashAttention-3's "ping-pong"): they
@@ -241,7 +295,8 @@ struct Turns {
 // stay in one branch: a chain in flight across a branch's end makes ptxas serialize every
 // wgmma, C7518.)
 __device__ __forceinline__ void attend_in_turns(RowState& st, const SplitTiles& x, int row0, int j, int Nk,
-                                                bool causal, float scale_log2, bool compute, const Turns& turns) {
+                                                bool causal, float scale_log2, bool nonfinite_v, const float* v,
+                                                bool compute, const Turns& turns) {
     if (!compute) {
         for (int turn = 0; turn < 2; ++turn) {
             turns.wait();
@@ -263,6 +318,7 @@ __device__ __forceinline__ void attend_in_turns(RowState& st, const SplitTiles& 
     wgmma_wait_all();
 #pragma unroll
     for (int e = 0; e < 32; ++e) st.O[e] += pv[e];
+    if (nonfinite_v) add_nonfinite_pv(st, S, v, row0, j, Nk, causal);
 }
 
 // Lines 12-15: O_i / l_i and L_i for rows row0 .. row0 + 63 (those below Nq).
@@ -322,7 +378,7 @@ __global__ void __launch_bounds__(128) forward_v1(const float* q, const float* k
         stage_transposed(x.Vt_big, x.Vt_small, v, j * Bc, Nk, threadIdx.x);
         fence_proxy_async();
         __syncthreads();
-        attend(st, x, row0, j, Nk, causal, softmax_scale * LOG2E);  // lines 8-10
+        attend(st, x, row0, j, Nk, causal, softmax_scale * LOG2E, false, nullptr);  // lines 8-10
     }
     write_rows(st, o + bh * Nq * d, L + bh * Nq, row0, Nq);  // lines 12-15
 }
@@ -332,7 +388,8 @@ __global__ void __launch_bounds__(128) forward_v1(const float* q, const float* k
 constexpr int CONSUMERS = 2;
 constexpr size_t SMEM_V2 = (2 * CONSUMERS + 2 * 4) * TILE * sizeof(float)  // Q per consumer; 2 stages of K, V^T
                            + 2 * 64 * RAW_STRIDE * sizeof(float)            // raw K_j, V_j
-                           + 4 * sizeof(uint64_t);                          // mbarriers: full[2], empty[2]
+                           + 4 * sizeof(uint64_t)                           // mbarriers: full[2], empty[2]
+                           + 2 * sizeof(int);                               // nonfinite_v[2]
 
 __device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
@@ -374,6 +431,7 @@ __global__ void __launch_bounds__(128 * (1 + CONSUMERS), 1) forward_v2(const flo
     float* raw_V = raw_K + 64 * RAW_STRIDE;
     uint64_t* full = reinterpret_cast<uint64_t*>(raw_V + 64 * RAW_STRIDE);
     uint64_t* empty = full + 2;
+    int* nonfinite_v = reinterpret_cast<int*>(empty + 2);  // stage s's V held a NaN or Inf
     const int wg = threadIdx.x / 128, tid = threadIdx.x % 128;
     const int block_row0 = (gridDim.x - 1 - blockIdx.x) * 64 * CONSUMERS;
     const int64_t bh = blockIdx.y;
@@ -402,7 +460,9 @@ __global__ void __launch_bounds__(128 * (1 + CONSUMERS), 1) forward_v2(const flo
             warpgroup_sync<1>();                      // raw tile j landed, for every producer thread
             mbar_wait(&empty[s], (j / 2 + 1) % 2);    // the consumers are done with tile j - 2
             split_rows(stage, stage + TILE, raw_K, tid);
-            split_transposed(stage + 2 * TILE, stage + 3 * TILE, raw_V, tid);
+            const bool found = split_transposed(stage + 2 * TILE, stage + 3 * TILE, raw_V, tid);
+            if (warpgroup_any<1>(found) && tid == 0) nonfinite_v[s] = 1;
+            else if (tid == 0) nonfinite_v[s] = 0;
             fence_proxy_async();                      // the split tiles, visible to wgmma
             mbar_arrive(&full[s]);
             warpgroup_sync<1>();                      // every producer thread is done with the raw tile
@@ -430,10 +490,12 @@ __global__ void __launch_bounds__(128 * (1 + CONSUMERS), 1) forward_v2(const flo
         if (pingpong && c == 1) turns.pass();
         for (int j = 0; j < Tc_block; ++j) {  // line 6, in step with the producer's stages
             mbar_wait(&full[j % 2], (j / 2) % 2);
+            const bool nonfinite = nonfinite_v[j % 2];
             if constexpr (pingpong)
-                attend_in_turns(st, tiles(j), row0, j, Nk, causal, softmax_scale * LOG2E, j < Tc_end, turns);
+                attend_in_turns(st, tiles(j), row0, j, Nk, causal, softmax_scale * LOG2E, nonfinite, v, j < Tc_end,
+                                turns);
             else if (j < Tc_end)
-                attend(st, tiles(j), row0, j, Nk, causal, softmax_scale * LOG2E);  // lines 8-10
+                attend(st, tiles(j), row0, j, Nk, causal, softmax_scale * LOG2E, nonfinite, v);  // lines 8-10
             mbar_arrive(&empty[j % 2]);
         }
         if (pingpong && c == 0) turns.wait();
@@ -519,34 +581,48 @@ float run(int version, const Problem& p, std::vector<float>& O, std::vector<floa
 }
 
 // max |O - O64| and max |L - L64| against attention in float64 (Part II's errors: ~1e-6).
-bool check(int version, int BH, int Nq, int Nk, bool causal) {
-    const Problem p = random_problem(BH, Nq, Nk, causal, 1234 + Nq + Nk);
+// poison: 1, 2, 3 put a NaN into V, an Inf into V, a NaN into K at (head 0, key Nk - 1,
+// column 7); where the float64 result is NaN the kernel's must be too, and nowhere else.
+bool check(int version, int BH, int Nq, int Nk, bool causal, int poison = 0) {
+    Problem p = random_problem(BH, Nq, Nk, causal, 1234 + Nq + Nk);
+    const size_t poisoned = (size_t)(Nk - 1) * d + 7;
+    if (poison == 1) p.v[poisoned] = NAN;
+    if (poison == 2) p.v[poisoned] = INFINITY;
+    if (poison == 3) p.k[poisoned] = NAN;
     std::vector<float> O, Lse;
     run(version, p, O, Lse, 0);
+    // |got - want|, 0 when both are NaN, infinite when only one is
+    auto error = [](double got, double want) {
+        if (std::isnan(got) || std::isnan(want)) return std::isnan(got) && std::isnan(want) ? 0.0 : INFINITY;
+        return fabs(got - want);
+    };
     double err_o = 0, err_l = 0;
     std::vector<double> s(Nk);
     for (int bh = 0; bh < BH; ++bh)
         for (int r = 0; r < Nq; ++r) {
             double mx = -INFINITY;
+            bool nan_score = false;
             for (int c = 0; c < Nk; ++c) {
                 double x = 0;
                 for (int e = 0; e < d; ++e) x += (double)p.q[((size_t)bh * Nq + r) * d + e] * p.k[((size_t)bh * Nk + c) * d + e];
                 s[c] = causal && c > r ? -INFINITY : x * 0.125;
-                mx = fmax(mx, s[c]);
+                nan_score |= std::isnan(s[c]);
+                if (!std::isnan(s[c])) mx = fmax(mx, s[c]);
             }
             double sum = 0;
             for (int c = 0; c < Nk; ++c) sum += s[c] = exp(s[c] - mx);
             for (int e = 0; e < d; ++e) {
                 double x = 0;
-                for (int c = 0; c < Nk; ++c) x += s[c] * p.v[((size_t)bh * Nk + c) * d + e];
-                const double got = O[((size_t)bh * Nq + r) * d + e];
-                err_o = std::isnan(got) ? INFINITY : fmax(err_o, fabs(got - x / sum));
+                for (int c = 0; c < Nk; ++c)
+                    if (!(causal && c > r)) x += s[c] * p.v[((size_t)bh * Nk + c) * d + e];  // hidden keys: no term
+                err_o = fmax(err_o, error(O[((size_t)bh * Nq + r) * d + e], nan_score ? NAN : x / sum));
             }
-            err_l = fmax(err_l, fabs(Lse[(size_t)bh * Nq + r] - (mx + log(sum))));
+            err_l = fmax(err_l, error(Lse[(size_t)bh * Nq + r], nan_score ? NAN : mx + log(sum)));
         }
     const bool ok = err_o < 1e-5 && err_l < 1e-5;
-    printf("version %d, BH=%d Nq=%d Nk=%d causal=%d: max err O %.2e, L %.2e  %s\n", version, BH, Nq, Nk, causal,
-           err_o, err_l, ok ? "ok" : "WRONG");
+    const char* what[] = {"", ", NaN in V", ", Inf in V", ", NaN in K"};
+    printf("version %d, BH=%d Nq=%d Nk=%d causal=%d%s: max err O %.2e, L %.2e  %s\n", version, BH, Nq, Nk, causal,
+           what[poison], err_o, err_l, ok ? "ok" : "WRONG");
     return ok;
 }
 
@@ -566,6 +642,8 @@ int main() {
             ok &= check(version, 2, 100, 37, causal);
             ok &= check(version, 2, 37, 300, causal);
             ok &= check(version, 1, 300, 130, causal);
+            if (version >= 2)  // version 1 lets a hidden key's NaN or Inf through (0 times it is NaN)
+                for (int poison = 1; poison <= 3; ++poison) ok &= check(version, 2, 200, 200, causal, poison);
         }
     std::vector<float> O, Lse;
     for (int version : {1, 2, 3})
