@@ -261,10 +261,8 @@ def main():
             sdpa_row = next((r for r in group if r["impl"] == "sdpa_efficient"), None)
             for r in group:
                 r.update(gpu=gpu, date=date, torch=torch.__version__)
-                if sdpa_row:
-                    r["fwd_vs_sdpa"] = r["fwd_ms"] / sdpa_row["fwd_ms"]
-                    r["bwd_vs_sdpa"] = r["bwd_ms"] / sdpa_row["bwd_ms"]
-                    for key in ("fwd_gpu_ms", "fwdbwd_gpu_ms"):
+                if sdpa_row:  # fwd_vs_sdpa, bwd_vs_sdpa and, with --gpu-time, fwd_gpu_vs_sdpa, fwdbwd_gpu_vs_sdpa
+                    for key in ("fwd_ms", "bwd_ms", "fwd_gpu_ms", "fwdbwd_gpu_ms"):
                         if key in r:
                             r[key.replace("_ms", "_vs_sdpa")] = r[key] / sdpa_row[key]
             rows += group
