@@ -508,6 +508,18 @@ Problem random_problem(int BH, int Nq, int Nk, bool causal, unsigned seed) {
     return p;
 }
 
+// Between the host's (B * H, N, 64) rows and t's layout on the GPU: a 2-D copy per head.
+void to_gpu(Tensor4<float> t, const std::vector<float>& x, int BH, int N) {
+    for (int bh = 0; bh < BH; ++bh)
+        CHECK(cudaMemcpy2D(t.head(bh).start, t.row_stride * sizeof(float), x.data() + (size_t)bh * N * d,
+                           d * sizeof(float), d * sizeof(float), N, cudaMemcpyHostToDevice));
+}
+void from_gpu(std::vector<float>& x, Tensor4<float> t, int BH, int N) {
+    for (int bh = 0; bh < BH; ++bh)
+        CHECK(cudaMemcpy2D(x.data() + (size_t)bh * N * d, d * sizeof(float), t.head(bh).start,
+                           t.row_stride * sizeof(float), d * sizeof(float), N, cudaMemcpyDeviceToHost));
+}
+
 // Runs version `version` once, then `reps` more times between CUDA events; returns the
 // median time in ms (0 when reps = 0) and leaves O and L in the vectors.
 float run(int version, const Problem& p, std::vector<float>& O, std::vector<float>& Lse, int reps) {
@@ -520,16 +532,9 @@ float run(int version, const Problem& p, std::vector<float>& O, std::vector<floa
     CHECK(cudaMalloc(&L, (size_t)p.BH * p.Nq * 4));
     const Tensor4<float> Q = layout(q, p.Nq, p.bnhd), K = layout(k, p.Nk, p.bnhd), V = layout(v, p.Nk, p.bnhd),
                          Out = layout(o, p.Nq, p.bnhd);
-    // (B * H, N, 64) on the host -> the layout on the GPU (row by row if not contiguous)
-    auto upload = [&](Tensor4<float> to, const std::vector<float>& from, int N) {
-        if (!p.bnhd) CHECK(cudaMemcpy(to.data, from.data(), from.size() * 4, cudaMemcpyHostToDevice));
-        for (int bh = 0; bh < p.BH && p.bnhd; ++bh)
-            for (int r = 0; r < N; ++r)
-                CHECK(cudaMemcpy(to.head(bh)[r], from.data() + ((size_t)bh * N + r) * d, d * 4, cudaMemcpyHostToDevice));
-    };
-    upload(Q, p.q, p.Nq);
-    upload(K, p.k, p.Nk);
-    upload(V, p.v, p.Nk);
+    to_gpu(Q, p.q, p.BH, p.Nq);
+    to_gpu(K, p.k, p.BH, p.Nk);
+    to_gpu(V, p.v, p.BH, p.Nk);
     CHECK(cudaMemset(o, 0xff, nq * 4));  // NaN: an element left unwritten shows
     CHECK(cudaFuncSetAttribute(forward_v2<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)SMEM_V2));
     CHECK(cudaFuncSetAttribute(forward_v2<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)SMEM_V2));
@@ -557,10 +562,7 @@ float run(int version, const Problem& p, std::vector<float>& O, std::vector<floa
     }
     O.resize(nq);
     Lse.resize((size_t)p.BH * p.Nq);
-    if (!p.bnhd) CHECK(cudaMemcpy(O.data(), o, nq * 4, cudaMemcpyDeviceToHost));
-    for (int bh = 0; bh < p.BH && p.bnhd; ++bh)
-        for (int r = 0; r < p.Nq; ++r)
-            CHECK(cudaMemcpy(O.data() + ((size_t)bh * p.Nq + r) * d, Out.head(bh)[r], d * 4, cudaMemcpyDeviceToHost));
+    from_gpu(O, Out, p.BH, p.Nq);
     CHECK(cudaMemcpy(Lse.data(), L, Lse.size() * 4, cudaMemcpyDeviceToHost));
     for (float* x : {q, k, v, o, L}) CHECK(cudaFree(x));
     CHECK(cudaEventDestroy(start));
