@@ -1,4 +1,5 @@
-"""example_training.py: it learns, it is reproducible, it resumes, and bad arguments give one line."""
+"""example_training.py: it learns, it is reproducible, it resumes, and bad arguments give one line; and the
+benchmark scripts that run on the CPU, in a short run each."""
 
 import json
 import subprocess
@@ -181,6 +182,21 @@ def test_issue_cost_benchmark_smoke_run_on_cpu(tmp_path):
     assert [r["impl"] for r in rows] == ["flash", "flash_det", "sdpa"]
     assert all(r["forward_us"] > 0 and r["forward_backward_us"] > 0 and r["device"] == "cpu" for r in rows)
     assert "| flash_det |" in result.stdout
+
+
+def test_pinned_bits_tool_saves_hashes_and_compares_on_cpu(tmp_path):
+    script = str(ROOT / "benchmarks" / "pinned_bits.py")
+    saved = subprocess.run([sys.executable, script, "save", str(tmp_path / "a.pt"), "--device", "cpu"],
+                           capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert saved.returncode == 0, saved.stderr
+    pinned = json.loads((ROOT / "tests" / "deterministic_sha256.json").read_text())
+    hashes = json.loads((tmp_path / "a.sha256.json").read_text())
+    assert hashes.keys() == pinned.keys() and all(len(h) == 4 for h in hashes.values())
+    assert saved.stdout.count("differs from the pinned bits") == len(pinned)  # the reference rounds otherwise
+    compared = subprocess.run([sys.executable, script, "compare", str(tmp_path / "a.pt"), str(tmp_path / "a.pt")],
+                              capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert compared.returncode == 0, compared.stderr
+    assert compared.stdout.count(": identical") == 5 * len(pinned) and "differ," not in compared.stdout
 
 
 # ---------------------------------------------------------------------------- several processes (torchrun, gloo)
