@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-TESTS = Path(__file__).resolve().parent.parent / "tests"
-sys.path.insert(0, str(TESTS))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout's flash_attention, then its tests
+import flash_attention as fa  # noqa: E402
 from test_cuda import PINNED, PINNED_HASHES, fixed_inputs  # noqa: E402
 
 NAMES = ("O", "L", "dQ", "dK", "dV")
@@ -32,6 +33,8 @@ def sha256(t: torch.Tensor) -> str:
 
 
 def save(path: Path, device: str) -> None:
+    if device == "cuda":
+        print(f"kernels: {fa._extension().__file__}")  # loading them registers the ops' CUDA kernels
     pinned = json.loads(PINNED_HASHES.read_text())
     outputs, hashes = {}, {}
     for case in PINNED:
