@@ -558,6 +558,9 @@ cudaError_t backward(In dout, In q, In k, In v, In o, const float* L, float* D, 
 //      chain into dQ itself (deterministic overhead +17% -> +6%, N = 1024)
 //   6. blocks take their key tiles by flags: no dependence on the order in
 //      which blocks start (deterministic mode, about +1%)
+//   7. a second copy for the causal diagonal only, the last tiles masked in
+//      the interior copy: short sequences run one copy's code (N = 65, B = 2,
+//      forward + backward 63.6 -> 31.5 us; longer ones unchanged)
 //
 // How:
 //   * 64 x 64 tiles, one per block of 4 warps. Each warp owns 16 rows of the tile and
@@ -576,8 +579,8 @@ cudaError_t backward(In dout, In q, In k, In v, In o, const float* L, float* D, 
 //     8t and 8t + 1 (and the next k-chunk's 8t + 2, 8t + 3), so one float4 feeds two
 //     k-chunks; over keys (or queries), k = t and t + 4 are 2t and 2t + 1, which is
 //     where the accumulator fragment of S = QK^T keeps them: P feeds P V as it is.
-//   * The tiles that need masking (the causal diagonal, the last tiles past Nq or Nk)
-//     run a second copy of each phase (`edge`); the others run one with no masks.
+//   * The tile on the causal diagonal runs a second copy of each phase (`Diagonal`); the
+//     others run one whose masks (for the last tiles, past Nq or Nk) full tiles skip.
 //   * Causal: in the tile on the diagonal a warp skips the 8-column blocks that all its
 //     rows are hidden from. In the two blocks that the diagonal crosses, a hidden pair
 //     (P = 0) still meets the other operand inside one mma; a NaN or Inf there would
@@ -713,7 +716,7 @@ __device__ __forceinline__ void add_to(float (&acc)[8][4], const float (&x)[8][4
 // Y is a shared tile whose rows are k: one stage, to be added to an accumulator with FP32 adds.
 // k-chunks below kc_begin or from kc_end on are skipped (causal: pairs all hidden); in the
 // chunks kc_mixed and kc_mixed + 1 non-finite values of Y are read as 0, and the return value
-// says whether there were any. Outside the edge tiles the callers pass 0, 8 and -2.
+// says whether there were any. Off the causal diagonal the callers pass 0, 8 and -2.
 __device__ __forceinline__ bool mma_tile(float (&out)[8][4], const float (&a)[8][4], const float* Y,
                                          int kc_begin, int kc_end, int kc_mixed) {
     const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
@@ -819,10 +822,13 @@ __device__ __forceinline__ float exp2_approx(float x) {
     return y;
 }
 
-// The loops below run each phase in two copies: with Edge() for the tiles that need masks,
-// with Interior() for the others, which need none.
-struct Interior { static constexpr bool edge = false; };
-struct Edge { static constexpr bool edge = true; };
+// The loops below run each phase in two copies: with Diagonal() for the tile on the causal
+// diagonal, with Interior() for the others. The interior copy also masks the last tiles
+// (past Nq or Nk), in a loop that full tiles branch over, rather than sending them to a
+// copy of their own: the copies together are more code than an SM's instruction caches
+// hold, and a block that runs two of them runs both slower (benchmarks/NOTES.md, v13).
+struct Interior { static constexpr bool diagonal = false; };
+struct Diagonal { static constexpr bool diagonal = true; };
 
 // -----------------------------------------------------------------------------
 // Forward: Algorithm 1 (FlashAttention-2 loop order), 64 x 64 tiles
@@ -843,7 +849,7 @@ struct Edge { static constexpr bool edge = true; };
 
 // line 8: S_ij = Q_i K_j^T (16 x 64 per warp) times scale * log2(e); hidden keys get -inf.
 // Column blocks from nb_end on are all hidden (causal diagonal) and skipped.
-template <bool edge>
+template <bool diagonal>
 __device__ __forceinline__ void scores(float (&S_ij)[8][4], const float* Q_i, const float* K_j, int i, int j,
                                        int nb_end, int Nk, bool causal, float scale_log2) {
     const int r0 = MMA_M * (threadIdx.x / 32), g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
@@ -851,9 +857,14 @@ __device__ __forceinline__ void scores(float (&S_ij)[8][4], const float* Q_i, co
 #pragma unroll
     for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
+        for (int e = 0; e < 4; ++e) S_ij[nb][e] *= scale_log2;
+    if (!diagonal && (j + 1) * Bc <= Nk) return;  // no hidden key
+#pragma unroll
+    for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
         for (int e = 0; e < 4; ++e) {
             const int row = i * Br + r0 + g + 8 * (e / 2), key = j * Bc + 8 * nb + 2 * t + e % 2;
-            S_ij[nb][e] = edge && masked(row, key, Nk, causal) ? -INFINITY : S_ij[nb][e] * scale_log2;
+            if (diagonal ? masked(row, key, Nk, causal) : key >= Nk) S_ij[nb][e] = -INFINITY;
         }
 }
 
@@ -936,11 +947,10 @@ forward_kernel(Tensor4<const float> q, Tensor4<const float> k, Tensor4<const flo
 
     // Lines 8-10 for key tile j, from stage st.
     auto step = [&](int j, int st, auto kind) {
-        constexpr bool edge = decltype(kind)::edge;
-        const bool diagonal = edge && causal && j == i;  // keys 16w + 16 .. 63 are hidden from warp w
+        constexpr bool diagonal = decltype(kind)::diagonal;  // keys 16w + 16 .. 63 are hidden from warp w
         const int nb_end = diagonal ? 2 * w + 2 : 8;
         float S_ij[8][4];
-        scores<edge>(S_ij, Q_i, K_stage(st), i, j, nb_end, Nk, causal, scale_log2);  // line 8
+        scores<diagonal>(S_ij, Q_i, K_stage(st), i, j, nb_end, Nk, causal, scale_log2);  // line 8
         online_softmax(S_ij, O_i, m_i, l_i);                                          // line 9
         const float (&P_ij)[8][4] = S_ij;
         const bool nonfinite = add_pv(O_i, P_ij, V_stage(st), diagonal, nb_end);      // line 10
@@ -955,7 +965,7 @@ forward_kernel(Tensor4<const float> q, Tensor4<const float> k, Tensor4<const flo
             load_tile_async(V_stage((j + 1) % 2), V, (j + 1) * Bc, Nk);
             cp_async_commit();
         }
-        if ((causal && j == i) || (j + 1) * Bc > Nk) step(j, j % 2, Edge());
+        if (causal && j == i) step(j, j % 2, Diagonal());
         else step(j, j % 2, Interior());
     }
 
@@ -1058,20 +1068,27 @@ struct BackwardTiles { float *K_j, *V_j, *dS_ij, *Q_i, *dO_i, *L_i, *D_i; };
 // what replaces it in the same registers (P_ij^T, then dP_ij^T, then dS_ij^T). dV_j, dK_j
 // accumulate; dS_ij is left in shared memory for line 15. Step n of the sweep publishes,
 // half a step after its last writes completed, that steps 0 .. n - 1 are written.
-template <bool edge>
+template <bool diagonal>
 __device__ __forceinline__ void dk_dv_phase(float (&dK_j)[8][4], float (&dV_j)[8][4], const BackwardTiles& tiles,
                                             int i, int j, int n, int Nq, int Nk, bool causal, float scale_log2,
                                             const WriteOrder& order) {
     const int w = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4, r0 = MMA_M * w;
     // Causal, tile i = j: queries 0 .. 16w - 1 of the tile are hidden from all keys of
     // warp w (column blocks < 2w), and keys 16w + 16 .. 63 from its queries.
-    const bool diagonal = edge && causal && i == j;
     const int first = diagonal ? 2 * w : 0;
     const int mixed = diagonal ? 2 * w : -2;
     // Whether the query in column e of n-block nb is hidden from this lane's key of the pair.
     auto hidden = [&](int nb, int e) {
         const int row = i * Br + 8 * nb + 2 * t + e % 2, key = j * Bc + r0 + g + 8 * (e / 2);
-        return edge && (row >= Nq || masked(row, key, Nk, causal));
+        return row >= Nq || (diagonal ? masked(row, key, Nk, causal) : key >= Nk);
+    };
+    auto zero_hidden = [&](float (&x)[8][4]) {  // x in S_ij^T's layout
+        if (!diagonal && (i + 1) * Br <= Nq && (j + 1) * Bc <= Nk) return;  // a full tile hides no pair
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                if (hidden(nb, e)) x[nb][e] = 0.f;
     };
 
     // line 10: S_ij^T = K_j Q_i^T; line 11: P_ij = exp2(S scale log2(e) - L log2(e)), 0 if hidden
@@ -1083,8 +1100,9 @@ __device__ __forceinline__ void dk_dv_phase(float (&dK_j)[8][4], float (&dV_j)[8
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const float l_row = tiles.L_i[8 * nb + 2 * t + e % 2];
-            P_ij[nb][e] = hidden(nb, e) ? 0.f : exp2_approx(S_ij[nb][e] * scale_log2 - l_row * LOG2E);
+            P_ij[nb][e] = exp2_approx(S_ij[nb][e] * scale_log2 - l_row * LOG2E);
         }
+    zero_hidden(P_ij);
     store_transposed(tiles.dS_ij, P_ij, r0);       // P_ij, kept in the warp's columns until dS
     __syncwarp();
 
@@ -1104,8 +1122,9 @@ __device__ __forceinline__ void dk_dv_phase(float (&dK_j)[8][4], float (&dV_j)[8
         for (int e = 0; e < 4; ++e) {
             const int col = 8 * nb + 2 * t + e % 2;
             const float p = tiles.dS_ij[at(col, r0 + g + 8 * (e / 2))];  // P_ij, as this lane stored it
-            dS_ij[nb][e] = hidden(nb, e) ? 0.f : p * (dP_ij[nb][e] - tiles.D_i[col]);
+            dS_ij[nb][e] = p * (dP_ij[nb][e] - tiles.D_i[col]);
         }
+    zero_hidden(dS_ij);
     __syncwarp();                                   // all lanes have read P before dS replaces it
     store_transposed(tiles.dS_ij, dS_ij, r0);
     __syncwarp();
@@ -1120,11 +1139,10 @@ __device__ __forceinline__ void dk_dv_phase(float (&dK_j)[8][4], float (&dV_j)[8
 // r0 .. r0 + 15 of dS_ij in shared memory, all 64 keys), added atomically into dQ_out, or,
 // deterministic, in its turn: stored by the buffer's first writer, added by the others
 // (atomically, but alone).
-template <bool edge>
-__device__ __forceinline__ void dq_phase(Rows<float> dQ_out, const BackwardTiles& tiles, int i, int j, int n, int Nq,
-                                         bool causal, float softmax_scale, bool store, WriteOrder& order) {
+template <bool diagonal>
+__device__ __forceinline__ void dq_phase(Rows<float> dQ_out, const BackwardTiles& tiles, int i, int n, int Nq,
+                                         float softmax_scale, bool store, WriteOrder& order) {
     const int w = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4, r0 = MMA_M * w;
-    const bool diagonal = edge && causal && i == j;
     const int mixed = diagonal ? 2 * w : -2;
     float dS_rows[8][4], dQ_share[8][4];            // dS_ij's rows r0 .. r0 + 15, in the accumulator layout
 #pragma unroll
@@ -1138,7 +1156,7 @@ __device__ __forceinline__ void dq_phase(Rows<float> dQ_out, const BackwardTiles
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const int row = i * Br + r0 + g + 8 * h;
-        if (edge && row >= Nq) continue;
+        if (row >= Nq) continue;
 #pragma unroll
         for (int nb = 0; nb < 8; ++nb) {
             float2* out = reinterpret_cast<float2*>(dQ_out[row] + 8 * nb + 2 * t);
@@ -1211,11 +1229,11 @@ __device__ __forceinline__ void backward_key_tile(
 
     // Lines 10-16 for the tiles i, j, step n of the sweep.
     auto step = [&](int i, int n, auto kind) {
-        constexpr bool edge = decltype(kind)::edge;
-        dk_dv_phase<edge>(dK_j, dV_j, tiles, i, j, n, Nq, Nk, causal, scale_log2, order);  // lines 10-14, 16
+        constexpr bool diagonal = decltype(kind)::diagonal;
+        dk_dv_phase<diagonal>(dK_j, dV_j, tiles, i, j, n, Nq, Nk, causal, scale_log2, order);  // lines 10-14, 16
         __syncthreads();                            // dS_ij is complete; Q_i, dO_i, L_i, D_i are read
         if (i + di != i_end) load_query_tile(i + di);  // line 9, next tile, while dQ_i is computed
-        dq_phase<edge>(dQ_out, tiles, i, j, n, Nq, causal, softmax_scale, deterministic && j < P, order);  // line 15
+        dq_phase<diagonal>(dQ_out, tiles, i, n, Nq, softmax_scale, deterministic && j < P, order);  // line 15
     };
 
     if (i_first != i_end) {
@@ -1227,7 +1245,7 @@ __device__ __forceinline__ void backward_key_tile(
         cp_async_wait_all();
         __syncthreads();                            // tile i landed; all warps are done with dS_ij of the last one
         const int n = (i - i_first) * di;
-        if ((causal && i == j) || (i + 1) * Br > Nq || (j + 1) * Bc > Nk) step(i, n, Edge());
+        if (causal && i == j) step(i, n, Diagonal());
         else step(i, n, Interior());
     }
     if (deterministic) {                            // every query tile is written
@@ -1271,14 +1289,18 @@ backward_kernel(Tensor4<const float> q, Tensor4<const float> k, Tensor4<const fl
                 int64_t BH, int Nq, int Nk, int P, float softmax_scale, bool causal,
                 bool reversed_start) {
     extern __shared__ __align__(16) float smem[];
+    // The block's own tile, the last it computes. Deterministic, the loop reads it from shared
+    // memory: a tile's work leaves no register free to hold it (it spilled).
+    __shared__ int last;
     const int tile = reversed_start ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+    if (deterministic && threadIdx.x == 0) last = tile;
     const int stride = P * (int)BH;                 // tile - stride: the previous tile of its buffer
-    const int first = deterministic ? take_tiles(dQ_taken, tile, stride) : tile;
+    const int first = deterministic ? take_tiles(dQ_taken, tile, stride) : tile;  // take_tiles syncs
     if (first < 0) return;
     for (int t = first;; t += stride) {             // first, first + stride, ..., tile
         backward_key_tile(q, k, v, dout, L, D, dq, dQ_partial, dQ_progress, dk, dv, BH, Nq, Nk, P,
                           softmax_scale, causal, deterministic, smem, t);
-        if (t == tile) break;
+        if (t == (deterministic ? last : tile)) break;
         __syncthreads();                            // all warps are done with this tile's shared memory
     }
 }
