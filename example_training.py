@@ -61,6 +61,10 @@ MAX_LEN = 2048  # the longest sequence the position embedding takes
 # with an error (instead of hanging when another process died). The first CUDA call may
 # compile the kernels for minutes, hence the margin.
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=10)
+# Under torchrun every process meets the same usage error, and the launcher stops them all
+# as soon as one exits. The others give process 0 this long to report it first; a process
+# still running after it (one whose process 0 did not fail) reports the error itself.
+USAGE_ERROR_GRACE_S = 60
 
 
 # --------------------------------------------------------------------------- the model (nanoGPT-style)
@@ -210,7 +214,7 @@ def batch_generator(seed: int, step: int) -> torch.Generator:
 # --------------------------------------------------------------------------- several processes (torchrun)
 
 class UsageError(ValueError):
-    """A mistake in the command line found after parsing: main() prints it as one line and exits 2."""
+    """A mistake in the command line: main() prints it as one line and exits 2."""
 
 
 @dataclass
@@ -434,7 +438,7 @@ def save_curve(curve, out: Path) -> list[Path]:
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage block and no traceback; once under torchrun
-        self.exit(2, f"example_training.py: error: {message}\n" if main_process() else None)
+        raise UsageError(message)
 
 
 def unusable_directory(out: Path) -> str | None:
@@ -513,14 +517,15 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
     ranks = None
     try:
+        args = parse_args(argv)
         ranks = start_processes(args)
         return run(args, ranks)
     except UsageError as e:
-        if main_process():
-            print(f"example_training.py: error: {e}", file=sys.stderr)
+        if not main_process():
+            time.sleep(USAGE_ERROR_GRACE_S)
+        print(f"example_training.py: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
         if ranks is None or ranks.world == 1:
