@@ -547,31 +547,13 @@ float run(int version, const Problem& p, std::vector<float>& O, std::vector<floa
             in(Q), in(K), in(V), Out, L, p.Nq, p.Nk, 0.125f, p.causal);
         CHECK(cudaGetLastError());
     };
-    launch();
-    CHECK(cudaDeviceSynchronize());
-    std::vector<float> times;
-    cudaEvent_t start, end;
-    CHECK(cudaEventCreate(&start));
-    CHECK(cudaEventCreate(&end));
-    for (int r = 0; r < reps; ++r) {
-        CHECK(cudaEventRecord(start));
-        launch();
-        CHECK(cudaEventRecord(end));
-        CHECK(cudaEventSynchronize(end));
-        float ms;
-        CHECK(cudaEventElapsedTime(&ms, start, end));
-        times.push_back(ms);
-    }
+    const float ms = median_ms(launch, reps);
     O.resize(nq);
     Lse.resize((size_t)p.BH * p.Nq);
     from_gpu(O, Out, p.BH, p.Nq);
     CHECK(cudaMemcpy(Lse.data(), L, Lse.size() * 4, cudaMemcpyDeviceToHost));
     for (float* x : {q, k, v, o, L}) CHECK(cudaFree(x));
-    CHECK(cudaEventDestroy(start));
-    CHECK(cudaEventDestroy(end));
-    if (times.empty()) return 0.f;
-    std::sort(times.begin(), times.end());
-    return times[times.size() / 2];
+    return ms;
 }
 
 // max |O - O64| and max |L - L64| against attention in float64 (Part II's errors: ~1e-6).

@@ -1,12 +1,15 @@
 // Warpgroup MMA (wgmma) on TF32 operands for sm_90a: the operand layouts in shared memory,
 // their descriptors, and the instructions, shared by the Hopper benchmarks of this folder
-// (wgmma_tf32.cu, hopper_forward.cu). flash_attention.cu does not include it.
+// (wgmma_tf32.cu, hopper_forward.cu, hopper_backward.cu), with their error check and timer.
+// flash_attention.cu does not include it.
 #pragma once
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <vector>
 
 #define CHECK(call)                                                                           \
     do {                                                                                      \
@@ -16,6 +19,32 @@
             exit(1);                                                                          \
         }                                                                                     \
     } while (0)
+
+// Runs launch() once, then `reps` more times between CUDA events; returns the median time in
+// ms (0 when reps = 0).
+template <typename Launch>
+float median_ms(Launch launch, int reps) {
+    launch();
+    CHECK(cudaDeviceSynchronize());
+    std::vector<float> times;
+    cudaEvent_t start, end;
+    CHECK(cudaEventCreate(&start));
+    CHECK(cudaEventCreate(&end));
+    for (int r = 0; r < reps; ++r) {
+        CHECK(cudaEventRecord(start));
+        launch();
+        CHECK(cudaEventRecord(end));
+        CHECK(cudaEventSynchronize(end));
+        float ms;
+        CHECK(cudaEventElapsedTime(&ms, start, end));
+        times.push_back(ms);
+    }
+    CHECK(cudaEventDestroy(start));
+    CHECK(cudaEventDestroy(end));
+    if (times.empty()) return 0.f;
+    std::sort(times.begin(), times.end());
+    return times[times.size() / 2];
+}
 
 // --- operand layouts ---------------------------------------------------------------------
 // With TF32 operands wgmma reads both A and B "K-major" only (the transpose bits exist for

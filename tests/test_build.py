@@ -33,7 +33,7 @@ def test_kernels_compile_without_spills(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit), not found on PATH")
-@pytest.mark.parametrize("name", ["wgmma_tf32", "hopper_forward"])
+@pytest.mark.parametrize("name", ["wgmma_tf32", "hopper_forward", "hopper_backward"])
 def test_hopper_benchmarks_compile_for_sm90a_without_spills_or_serialised_wgmma(tmp_path, name):
     source = SOURCE.parent / "benchmarks" / f"{name}.cu"
     report, kernels = compile_without_spills("-gencode", "arch=compute_90a,code=sm_90a", str(source), "-o",

@@ -1,0 +1,369 @@
+// Part III's backward, first prototype (issue 15; benchmarks/NOTES.md, v15): Algorithm 2 for
+// one key tile per block (Part II's loop order), its five tile products on warpgroup MMA in
+// 3xTF32. One warpgroup per block stages and computes in turn (no producer yet), and walks
+// the query tiles 32 rows at a time, so that the operands fit in shared memory:
+//   S_ij^T  = K_j Q_i^T       (64 x 32): A = K_j, B = Q_i, both K-major over d
+//   dP_ij^T = V_j dO_i^T      (64 x 32): A = V_j, B = dO_i
+//   dV_j   += P_ij^T dO_i     (64 x 64): A = P^T from registers, B = dO_i^T (rows d, K = queries)
+//   dK_j   += dS_ij^T Q_i     (64 x 64): A = dS^T from registers, B = Q_i^T
+//   dQ_i^T += K_j^T dS_ij^T   (64 x 32): A = K_j^T (rows d, K = keys), B = dS_ij (rows queries)
+// (wgmma's M is 64 at least, so dQ_i, 32 rows, is computed transposed.) P^T's accumulator
+// fragment holds queries 8s + 2t and 8s + 2t + 1 where the A fragment has k = t and t + 4,
+// so Q_i^T and dO_i^T keep their queries in that order, as the forward keeps V^T's keys.
+// dQ is added with atomics (the default mode). Checked against float64 on the CPU, then
+// timed at B*H = 16, N = 4096. Finite inputs only: NaN containment is for a later version.
+//   nvcc -gencode arch=compute_90a,code=sm_90a -O3 -o /tmp/hopper_backward benchmarks/hopper_backward.cu && timeout 60 /tmp/hopper_backward
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "wgmma.cuh"
+
+constexpr int d = 64, Bc = 64, BQ = 32;  // head dim, keys of a block, queries of a step
+constexpr int THREADS = 128;             // one warpgroup
+constexpr float LOG2E = 1.4426950408889634f;
+
+__host__ __device__ constexpr int cdiv(int a, int b) { return (a + b - 1) / b; }
+
+// --- wgmma with N = 32 -------------------------------------------------------------------
+// D (64 x 32): lane (g, t) of warp w holds d[4n .. 4n + 3] = D[16w + g][8n + 2t], D[16w + g][8n + 2t + 1],
+// D[16w + g + 8][8n + 2t], D[16w + g + 8][8n + 2t + 1], n = 0 .. 3.
+__device__ __forceinline__ void wgmma_ss32(float (&d)[16], uint64_t a, uint64_t b, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k8.f32.tf32.tf32 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "l"(a), "l"(b), "r"(accumulate));
+}
+
+// --- operands in shared memory (kgroup_major: see wgmma.cuh) -------------------------------
+struct Operand {
+    float *big, *small;
+    int rows, K;
+    __device__ __forceinline__ uint64_t big_step(int s) const { return step_descriptor(big, kgroup_major, rows, K, s); }
+    __device__ __forceinline__ uint64_t small_step(int s) const {
+        return step_descriptor(small, kgroup_major, rows, K, s);
+    }
+    // x = big + small (big rounded to TF32, small the exact rest) at element (r, k).
+    __device__ __forceinline__ void store(int r, int k, float x) const {
+        const float b = __uint_as_float((__float_as_uint(x) + 0x1000u) & 0xffffe000u);
+        const int at = element_at(kgroup_major, r, k, rows, K);
+        big[at] = b;
+        small[at] = x - b;
+    }
+};
+
+// Where query (or key) r of a group of 8 sits in a K-major operand fed by an accumulator
+// fragment: 2u at position u, 2u + 1 at position u + 4 (the inverse of the forward's key_at).
+__device__ __forceinline__ int position_of(int r) {
+    const int v = r % 8;
+    return (r & ~7) | (v % 2 == 0 ? v / 2 : 4 + v / 2);
+}
+
+// The A fragment of k-step s from a 64 x 32 accumulator (rows of this lane: 16w + g, 16w + g + 8),
+// split; with B's K in position_of order these are the values A wants.
+__device__ __forceinline__ void a_from_accumulator(uint32_t (&big)[4], uint32_t (&small)[4], const float (&x)[16],
+                                                   int s) {
+    const float v[4] = {x[4 * s], x[4 * s + 2], x[4 * s + 1], x[4 * s + 3]};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        const float b = __uint_as_float((__float_as_uint(v[e]) + 0x1000u) & 0xffffe000u);
+        big[e] = __float_as_uint(b);
+        small[e] = __float_as_uint(v[e] - b);
+    }
+}
+
+// D (64 x 32) = A B^T in 3xTF32 over K = 64 (8 k-steps), the small cross terms first.
+__device__ __forceinline__ void product_64x32(float (&D)[16], const Operand& A, const Operand& B) {
+    wgmma_fence();
+#pragma unroll
+    for (int s = 0; s < 8; ++s) wgmma_ss32(D, A.small_step(s), B.big_step(s), s > 0);
+#pragma unroll
+    for (int s = 0; s < 8; ++s) wgmma_ss32(D, A.big_step(s), B.small_step(s), 1);
+#pragma unroll
+    for (int s = 0; s < 8; ++s) wgmma_ss32(D, A.big_step(s), B.big_step(s), 1);
+    wgmma_commit();
+    wgmma_wait_all();
+}
+// D (64 x 64) = X B^T in 3xTF32 over K = 32 queries (4 k-steps), X a 64 x 32 accumulator in registers.
+__device__ __forceinline__ void product_from_registers(float (&D)[32], const float (&X)[16], const Operand& B) {
+    uint32_t big[4][4], small[4][4];
+#pragma unroll
+    for (int s = 0; s < 4; ++s) a_from_accumulator(big[s], small[s], X, s);
+    wgmma_fence();
+#pragma unroll
+    for (int s = 0; s < 4; ++s) wgmma_rs(D, small[s], B.big_step(s), s > 0);
+#pragma unroll
+    for (int s = 0; s < 4; ++s) wgmma_rs(D, big[s], B.small_step(s), 1);
+#pragma unroll
+    for (int s = 0; s < 4; ++s) wgmma_rs(D, big[s], B.big_step(s), 1);
+    wgmma_commit();
+    wgmma_wait_all();
+}
+
+constexpr size_t SMEM = (6 * 64 * 64 + 10 * BQ * 64 + 2 * BQ) * sizeof(float);  // 176 KiB
+
+// One block per (key tile j, head bh): block j * BH + bh. q, k, v, dout, dq, dk, dv are
+// (BH, N, 64) contiguous; L and D (BH, Nq).
+__global__ void __launch_bounds__(THREADS, 1)
+backward_kernel(const float* q, const float* k, const float* v, const float* dout, const float* L, const float* D,
+                float* dq, float* dk, float* dv, int BH, int Nq, int Nk, float softmax_scale, bool causal) {
+    extern __shared__ __align__(128) float smem[];
+    float* next = smem;
+    auto operand = [&](int rows, int K) {
+        Operand x{next, next + rows * K, rows, K};
+        next += 2 * rows * K;
+        return x;
+    };
+    const Operand K_j = operand(64, d), V_j = operand(64, d), Kt_j = operand(d, 64);
+    const Operand Q_i = operand(BQ, d), dO_i = operand(BQ, d), Qt_i = operand(d, BQ), dOt_i = operand(d, BQ);
+    const Operand dS_ij = operand(BQ, 64);
+    float* L_i = next;
+    float* D_i = next + BQ;
+    const int tid = threadIdx.x, w = tid / 32, g = tid % 32 / 4, t = tid % 4;
+    const int j = blockIdx.x / BH, bh = blockIdx.x % BH;
+    q += (size_t)bh * Nq * d; dout += (size_t)bh * Nq * d; dq += (size_t)bh * Nq * d;
+    k += (size_t)bh * Nk * d; v += (size_t)bh * Nk * d; dk += (size_t)bh * Nk * d; dv += (size_t)bh * Nk * d;
+    L += (size_t)bh * Nq; D += (size_t)bh * Nq;
+    const float scale_log2 = softmax_scale * LOG2E;
+
+    // line 6: K_j, V_j (rows = keys), K_j^T (rows = d); zeros past Nk
+    for (int f = tid; f < 64 * 16; f += THREADS) {
+        const int r = f / 16, c = 4 * (f % 16), key = j * Bc + r;
+        const float4 x = key < Nk ? *reinterpret_cast<const float4*>(k + (size_t)key * d + c) : make_float4(0, 0, 0, 0);
+        const float4 y = key < Nk ? *reinterpret_cast<const float4*>(v + (size_t)key * d + c) : make_float4(0, 0, 0, 0);
+        const float xs[4] = {x.x, x.y, x.z, x.w}, ys[4] = {y.x, y.y, y.z, y.w};
+        for (int e = 0; e < 4; ++e) {
+            K_j.store(r, c + e, xs[e]);
+            V_j.store(r, c + e, ys[e]);
+            Kt_j.store(c + e, r, xs[e]);
+        }
+    }
+    float dK_j[32], dV_j[32], part[32];  // line 7
+    for (int e = 0; e < 32; ++e) dK_j[e] = dV_j[e] = 0.f;
+
+    const int first = causal ? j * Bc / BQ : 0;  // causal: queries before key tile j see none of its keys
+    for (int i = first; i < cdiv(Nq, BQ); ++i) {  // line 8
+        const int q0 = i * BQ;
+        __syncthreads();  // the last step's reads of Q_i .. dS_ij are done
+        // line 9: Q_i, dO_i (rows = queries), Q_i^T, dO_i^T (rows = d, queries in position_of order), L_i, D_i
+        for (int f = tid; f < BQ * 16; f += THREADS) {
+            const int r = f / 16, c = 4 * (f % 16), row = q0 + r;
+            const float4 zero = make_float4(0, 0, 0, 0);
+            const float4 x = row < Nq ? *reinterpret_cast<const float4*>(q + (size_t)row * d + c) : zero;
+            const float4 y = row < Nq ? *reinterpret_cast<const float4*>(dout + (size_t)row * d + c) : zero;
+            const float xs[4] = {x.x, x.y, x.z, x.w}, ys[4] = {y.x, y.y, y.z, y.w};
+            for (int e = 0; e < 4; ++e) {
+                Q_i.store(r, c + e, xs[e]);
+                dO_i.store(r, c + e, ys[e]);
+                Qt_i.store(c + e, position_of(r), xs[e]);
+                dOt_i.store(c + e, position_of(r), ys[e]);
+            }
+        }
+        if (tid < BQ) L_i[tid] = q0 + tid < Nq ? L[q0 + tid] : 0.f;
+        else if (tid < 2 * BQ) D_i[tid - BQ] = q0 + tid - BQ < Nq ? D[q0 + tid - BQ] : 0.f;
+        fence_proxy_async();
+        __syncthreads();
+
+        // lines 10-11: S_ij^T = K_j Q_i^T; P_ij^T = exp(scale S - L), 0 where hidden
+        float S[16], dP[16];
+        product_64x32(S, K_j, Q_i);
+        // line 13: dP_ij^T = V_j dO_i^T
+        product_64x32(dP, V_j, dO_i);
+        // line 14: dS_ij^T = P_ij^T (dP_ij^T - D_i); S becomes P, dP becomes dS
+#pragma unroll
+        for (int n = 0; n < 4; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = j * Bc + 16 * w + g + 8 * (e / 2), col = 8 * n + 2 * t + e % 2, query = q0 + col;
+                const bool hidden = query >= Nq || key >= Nk || (causal && key > query);
+                const float p = hidden ? 0.f : exp2f(S[4 * n + e] * scale_log2 - L_i[col] * LOG2E);
+                S[4 * n + e] = p;
+                dP[4 * n + e] = p * (dP[4 * n + e] - D_i[col]);
+            }
+        // line 12: dV_j += P_ij^T dO_i; line 16: dK_j += dS_ij^T Q_i (each summed from 0, then added)
+        product_from_registers(part, S, dOt_i);
+        for (int e = 0; e < 32; ++e) dV_j[e] += part[e];
+        product_from_registers(part, dP, Qt_i);
+        for (int e = 0; e < 32; ++e) dK_j[e] += part[e];
+        // line 15: dQ_i^T = K_j^T dS_ij^T, with dS_ij stored as B (rows = queries, K = keys)
+#pragma unroll
+        for (int n = 0; n < 4; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) dS_ij.store(8 * n + 2 * t + e % 2, 16 * w + g + 8 * (e / 2), dP[4 * n + e]);
+        fence_proxy_async();
+        __syncthreads();
+        float dQt[16];
+        product_64x32(dQt, Kt_j, dS_ij);
+#pragma unroll
+        for (int n = 0; n < 4; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int col = 16 * w + g + 8 * (e / 2), query = q0 + 8 * n + 2 * t + e % 2;
+                if (query < Nq) atomicAdd(dq + (size_t)query * d + col, softmax_scale * dQt[4 * n + e]);
+            }
+    }
+    // line 18: dK_j (times the scale), dV_j; zero for keys no query sees
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int key = j * Bc + 16 * w + g + 8 * (e / 2), col = 8 * n + 2 * t + e % 2;
+            if (key >= Nk) continue;
+            dk[(size_t)key * d + col] = softmax_scale * dK_j[4 * n + e];
+            dv[(size_t)key * d + col] = dV_j[4 * n + e];
+        }
+}
+
+// --- host ----------------------------------------------------------------------------------
+
+struct Problem {
+    int BH, Nq, Nk;
+    bool causal;
+    std::vector<float> q, k, v, dout, L, D;  // (BH, N, 64); L, D (BH, Nq), from float64
+};
+
+// Random q, k, v, dout; L and D from the forward in float64 (the backward's inputs).
+Problem random_problem(int BH, int Nq, int Nk, bool causal, unsigned seed, std::vector<double>* O64 = nullptr) {
+    srand(seed);
+    Problem p{BH, Nq, Nk, causal, {}, {}, {}, {}, {}, {}};
+    auto fill = [](std::vector<float>& x, size_t n) {
+        x.resize(n);
+        for (float& e : x) {
+            const double u1 = (rand() + 1.0) / (RAND_MAX + 2.0), u2 = rand() / (RAND_MAX + 1.0);
+            e = (float)(sqrt(-2 * log(u1)) * cos(2 * M_PI * u2));
+        }
+    };
+    fill(p.q, (size_t)BH * Nq * d);
+    fill(p.k, (size_t)BH * Nk * d);
+    fill(p.v, (size_t)BH * Nk * d);
+    fill(p.dout, (size_t)BH * Nq * d);
+    p.L.assign((size_t)BH * Nq, 0.f);
+    p.D.assign((size_t)BH * Nq, 0.f);
+    if (O64) O64->assign((size_t)BH * Nq * d, 0.0);
+    if ((size_t)BH * Nq * Nk > 50'000'000) return p;  // large (timing only): L, D stay 0
+    std::vector<double> s(Nk);
+    for (int bh = 0; bh < BH; ++bh)
+        for (int r = 0; r < Nq; ++r) {
+            double mx = -INFINITY;
+            for (int c = 0; c < Nk; ++c) {
+                double x = 0;
+                for (int e = 0; e < d; ++e)
+                    x += (double)p.q[((size_t)bh * Nq + r) * d + e] * p.k[((size_t)bh * Nk + c) * d + e];
+                s[c] = causal && c > r ? -INFINITY : x * 0.125;
+                mx = fmax(mx, s[c]);
+            }
+            double sum = 0;
+            for (int c = 0; c < Nk; ++c) sum += s[c] = exp(s[c] - mx);
+            double dsum = 0;
+            for (int e = 0; e < d; ++e) {
+                double o = 0;
+                for (int c = 0; c < Nk; ++c) o += s[c] / sum * p.v[((size_t)bh * Nk + c) * d + e];
+                if (O64) (*O64)[((size_t)bh * Nq + r) * d + e] = o;
+                dsum += (double)p.dout[((size_t)bh * Nq + r) * d + e] * (float)o;
+            }
+            p.L[(size_t)bh * Nq + r] = (float)(mx + log(sum));
+            p.D[(size_t)bh * Nq + r] = (float)dsum;
+        }
+    return p;
+}
+
+// Runs the kernel once, then `reps` more times between CUDA events; returns the median ms
+// and leaves dq, dk, dv in the vectors.
+float run(const Problem& p, std::vector<float>& dq, std::vector<float>& dk, std::vector<float>& dv, int reps) {
+    const size_t nq = (size_t)p.BH * p.Nq * d, nk = (size_t)p.BH * p.Nk * d;
+    float *q, *k, *v, *dout, *L, *D, *gq, *gk, *gv;
+    for (auto [ptr, n] : {std::pair{&q, nq}, {&dout, nq}, {&gq, nq}, {&k, nk}, {&v, nk}, {&gk, nk}, {&gv, nk},
+                          {&L, (size_t)p.BH * p.Nq}, {&D, (size_t)p.BH * p.Nq}})
+        CHECK(cudaMalloc(ptr, n * 4));
+    CHECK(cudaMemcpy(q, p.q.data(), nq * 4, cudaMemcpyHostToDevice));
+    CHECK(cudaMemcpy(dout, p.dout.data(), nq * 4, cudaMemcpyHostToDevice));
+    CHECK(cudaMemcpy(k, p.k.data(), nk * 4, cudaMemcpyHostToDevice));
+    CHECK(cudaMemcpy(v, p.v.data(), nk * 4, cudaMemcpyHostToDevice));
+    CHECK(cudaMemcpy(L, p.L.data(), p.L.size() * 4, cudaMemcpyHostToDevice));
+    CHECK(cudaMemcpy(D, p.D.data(), p.D.size() * 4, cudaMemcpyHostToDevice));
+    CHECK(cudaFuncSetAttribute(backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)SMEM));
+    auto launch = [&] {
+        CHECK(cudaMemsetAsync(gq, 0, nq * 4));
+        backward_kernel<<<p.BH * cdiv(p.Nk, Bc), THREADS, SMEM>>>(q, k, v, dout, L, D, gq, gk, gv, p.BH, p.Nq, p.Nk,
+                                                                 0.125f, p.causal);
+        CHECK(cudaGetLastError());
+    };
+    const float ms = median_ms(launch, reps);
+    dq.resize(nq);
+    dk.resize(nk);
+    dv.resize(nk);
+    CHECK(cudaMemcpy(dq.data(), gq, nq * 4, cudaMemcpyDeviceToHost));
+    CHECK(cudaMemcpy(dk.data(), gk, nk * 4, cudaMemcpyDeviceToHost));
+    CHECK(cudaMemcpy(dv.data(), gv, nk * 4, cudaMemcpyDeviceToHost));
+    for (float* x : {q, k, v, dout, L, D, gq, gk, gv}) CHECK(cudaFree(x));
+    return ms;
+}
+
+// max |dX - dX64| for dQ, dK, dV against Algorithm 2 in float64 (Part II's errors: ~1e-6 to 1e-5).
+bool check(int BH, int Nq, int Nk, bool causal) {
+    std::vector<double> O64;
+    const Problem p = random_problem(BH, Nq, Nk, causal, 4321 + Nq + Nk, &O64);
+    std::vector<float> dq, dk, dv;
+    run(p, dq, dk, dv, 0);
+    std::vector<double> dq64((size_t)BH * Nq * d, 0.0), dk64((size_t)BH * Nk * d, 0.0), dv64((size_t)BH * Nk * d, 0.0);
+    for (int bh = 0; bh < BH; ++bh)
+        for (int r = 0; r < Nq; ++r)
+            for (int c = 0; c < Nk; ++c) {
+                if (causal && c > r) continue;
+                const float* qr = &p.q[((size_t)bh * Nq + r) * d];
+                const float* kc = &p.k[((size_t)bh * Nk + c) * d];
+                const float* vc = &p.v[((size_t)bh * Nk + c) * d];
+                const float* dor = &p.dout[((size_t)bh * Nq + r) * d];
+                double s = 0, dp = 0;
+                for (int e = 0; e < d; ++e) {
+                    s += (double)qr[e] * kc[e];
+                    dp += (double)dor[e] * vc[e];
+                }
+                const double P = exp(s * 0.125 - p.L[(size_t)bh * Nq + r]);
+                const double dS = P * (dp - p.D[(size_t)bh * Nq + r]);
+                for (int e = 0; e < d; ++e) {
+                    dq64[((size_t)bh * Nq + r) * d + e] += 0.125 * dS * kc[e];
+                    dk64[((size_t)bh * Nk + c) * d + e] += 0.125 * dS * qr[e];
+                    dv64[((size_t)bh * Nk + c) * d + e] += P * dor[e];
+                }
+            }
+    auto max_err = [](const std::vector<float>& got, const std::vector<double>& want) {
+        double e = 0;
+        for (size_t n = 0; n < got.size(); ++n) e = fmax(e, std::isnan(got[n]) ? INFINITY : fabs(got[n] - want[n]));
+        return e;
+    };
+    const double eq = max_err(dq, dq64), ek = max_err(dk, dk64), ev = max_err(dv, dv64);
+    const bool ok = eq < 5e-5 && ek < 5e-5 && ev < 5e-5;
+    printf("BH=%d Nq=%d Nk=%d causal=%d: max err dQ %.2e, dK %.2e, dV %.2e  %s\n", BH, Nq, Nk, causal, eq, ek, ev,
+           ok ? "ok" : "WRONG");
+    return ok;
+}
+
+int main() {
+    cudaDeviceProp prop;
+    CHECK(cudaGetDeviceProperties(&prop, 0));
+    printf("%s\n", prop.name);
+    if (prop.major != 9) {
+        printf("wgmma needs an sm_90 GPU (H100, H200)\n");
+        return 1;
+    }
+    bool ok = true;
+    for (bool causal : {false, true}) {
+        ok &= check(2, 64, 64, causal);
+        ok &= check(2, 100, 37, causal);
+        ok &= check(2, 37, 300, causal);
+        ok &= check(1, 300, 130, causal);
+        ok &= check(3, 200, 200, causal);
+    }
+    for (bool causal : {false, true}) {
+        const Problem p = random_problem(16, 4096, 4096, causal, 7);
+        std::vector<float> dq, dk, dv;
+        const float ms = run(p, dq, dk, dv, 10);
+        const double flop = 2.5 * 4.0 * 16 * 4096.0 * 4096.0 * d / (causal ? 2 : 1);
+        printf("B*H=16, N=4096, causal=%d: %.3f ms, %.1f TFLOP/s\n", causal, ms, flop / ms / 1e9);
+    }
+    return ok ? 0 : 1;
+}
