@@ -343,13 +343,7 @@ bool check(int BH, int Nq, int Nk, bool causal) {
 }
 
 int main() {
-    cudaDeviceProp prop;
-    CHECK(cudaGetDeviceProperties(&prop, 0));
-    printf("%s\n", prop.name);
-    if (prop.major != 9) {
-        printf("wgmma needs an sm_90 GPU (H100, H200)\n");
-        return 1;
-    }
+    if (!runs_wgmma()) return 1;
     bool ok = true;
     for (bool causal : {false, true}) {
         ok &= check(2, 64, 64, causal);

@@ -604,13 +604,7 @@ bool check(int version, int BH, int Nq, int Nk, bool causal, int poison = 0, boo
 }
 
 int main(int argc, char** argv) {
-    cudaDeviceProp prop;
-    CHECK(cudaGetDeviceProperties(&prop, 0));
-    printf("%s\n", prop.name);
-    if (prop.major != 9) {
-        printf("wgmma needs an sm_90 GPU (H100, H200)\n");
-        return 1;
-    }
+    if (!runs_wgmma()) return 1;
     if (argc > 1 && std::string(argv[1]) == "profile") {  // for ncu: versions 2 and 3 once each, no checks
         std::vector<float> O, Lse;
         const Problem p = random_problem(16, 4096, 4096, false, 7);

@@ -20,6 +20,15 @@
         }                                                                                     \
     } while (0)
 
+// Prints the GPU's name; whether it runs wgmma (compute capability 9.0), saying so if not.
+inline bool runs_wgmma() {
+    cudaDeviceProp prop;
+    CHECK(cudaGetDeviceProperties(&prop, 0));
+    printf("%s\n", prop.name);
+    if (prop.major != 9) printf("wgmma needs an sm_90 GPU (H100, H200)\n");
+    return prop.major == 9;
+}
+
 // Runs launch() once, then `reps` more times between CUDA events; returns the median time in
 // ms (0 when reps = 0).
 template <typename Launch>
