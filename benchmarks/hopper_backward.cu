@@ -46,12 +46,10 @@ struct Operand {
     __device__ __forceinline__ uint64_t small_step(int s) const {
         return step_descriptor(small, kgroup_major, rows, K, s);
     }
-    // x = big + small (big rounded to TF32, small the exact rest) at element (r, k).
+    // x = big + small (split) at element (r, k).
     __device__ __forceinline__ void store(int r, int k, float x) const {
-        const float b = __uint_as_float((__float_as_uint(x) + 0x1000u) & 0xffffe000u);
         const int at = element_at(kgroup_major, r, k, rows, K);
-        big[at] = b;
-        small[at] = x - b;
+        split(x, big[at], small[at]);
     }
 };
 
@@ -62,18 +60,6 @@ __device__ __forceinline__ int position_of(int r) {
     return (r & ~7) | (v % 2 == 0 ? v / 2 : 4 + v / 2);
 }
 
-// The A fragment of k-step s from a 64 x 32 accumulator (rows of this lane: 16w + g, 16w + g + 8),
-// split; with B's K in position_of order these are the values A wants.
-__device__ __forceinline__ void a_from_accumulator(uint32_t (&big)[4], uint32_t (&small)[4], const float (&x)[16],
-                                                   int s) {
-    const float v[4] = {x[4 * s], x[4 * s + 2], x[4 * s + 1], x[4 * s + 3]};
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-        const float b = __uint_as_float((__float_as_uint(v[e]) + 0x1000u) & 0xffffe000u);
-        big[e] = __float_as_uint(b);
-        small[e] = __float_as_uint(v[e] - b);
-    }
-}
 
 // D (64 x 32) = A B^T in 3xTF32 over K = 64 (8 k-steps), the small cross terms first.
 __device__ __forceinline__ void product_64x32(float (&D)[16], const Operand& A, const Operand& B) {

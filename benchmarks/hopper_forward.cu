@@ -47,12 +47,6 @@ struct Tensor4 {
     }
 };
 
-// x = big + small (Part II's split): big is x rounded to TF32 (low 13 bits cleared), small
-// the exact rest, of which the tensor cores read the top 11 bits.
-__device__ __forceinline__ void split(float x, float& big, float& small) {
-    big = __uint_as_float((__float_as_uint(x) + 0x1000u) & 0xffffe000u);
-    small = x - big;
-}
 // Splits x and stores the parts at elements (r, k .. k + 3) of a 64 x 64 tile in wgmma's
 // layout (k a multiple of 4: one 16-byte row of a core matrix).
 __device__ __forceinline__ void store_split4(float* big, float* small, int r, int k, float4 x) {
@@ -67,7 +61,7 @@ __device__ __forceinline__ void store_split4(float* big, float* small, int r, in
 }
 
 // P's accumulator fragment holds keys 8s + 2t and 8s + 2t + 1 where wgmma's A fragment has
-// k = t and t + 4 (see p_fragment), so V_j^T keeps the keys of each 8 in that order:
+// k = t and t + 4 (see a_from_accumulator), so V_j^T keeps the keys of each 8 in that order:
 // key 2u at position u, key 2u + 1 at position u + 4.
 __device__ __forceinline__ int key_at(int position) {
     const int u = position % 8;
@@ -143,19 +137,6 @@ __device__ __forceinline__ bool warpgroup_any(bool x) {
 
 // --- one tile: lines 8-10 of Algorithm 1 for a warpgroup's 64 query rows ------------------
 
-// wgmma's A fragment of P for k-step s (keys 8s .. 8s + 7), split: the accumulator fragment
-// has, in lane (g, t), P[g][8s + 2t], P[g][8s + 2t + 1], P[g + 8][8s + 2t], P[g + 8][8s + 2t + 1]
-// in S[4s .. 4s + 3]; A wants (g, k = t), (g + 8, t), (g, t + 4), (g + 8, t + 4).
-__device__ __forceinline__ void p_fragment(uint32_t (&big)[4], uint32_t (&small)[4], const float (&S)[32], int s) {
-    const float p[4] = {S[4 * s], S[4 * s + 2], S[4 * s + 1], S[4 * s + 3]};
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-        float b, sm;
-        split(p[e], b, sm);
-        big[e] = __float_as_uint(b);
-        small[e] = __float_as_uint(sm);
-    }
-}
 
 // A warpgroup's running state (line 5): lane (g, t) of warp w holds rows 16w + g and
 // 16w + g + 8 of O_i (the accumulator fragment), their running max (base 2) and its part of
@@ -215,7 +196,7 @@ __device__ __forceinline__ void online_softmax(RowState& st, float (&S)[32], int
 // P~_ij (in S) split into wgmma's A fragments for line 10.
 __device__ __forceinline__ void split_p(uint32_t (&P_big)[8][4], uint32_t (&P_small)[8][4], const float (&S)[32]) {
 #pragma unroll
-    for (int s = 0; s < 8; ++s) p_fragment(P_big[s], P_small[s], S, s);
+    for (int s = 0; s < 8; ++s) a_from_accumulator(P_big[s], P_small[s], S, s);
 }
 
 // Line 10, issued: pv = P~_ij V_j (to be added to O_i in FP32 once done); P_big, P_small
@@ -605,7 +586,7 @@ bool check(int version, int BH, int Nq, int Nk, bool causal, int poison = 0, boo
 
 int main(int argc, char** argv) {
     if (!runs_wgmma()) return 1;
-    if (argc > 1 && std::string(argv[1]) == "profile") {  // for ncu: versions 2 and 3 once each, no checks
+    if (argc > 1 && std::string(argv[1]) == "profile") {  // for ncu: versions 2 and 3 twice each, no checks
         std::vector<float> O, Lse;
         const Problem p = random_problem(16, 4096, 4096, false, 7);
         for (int version : {2, 3}) printf("version %d: %.3f ms\n", version, run(version, p, O, Lse, 1));

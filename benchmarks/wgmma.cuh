@@ -55,6 +55,13 @@ float median_ms(Launch launch, int reps) {
     return times[times.size() / 2];
 }
 
+// x = big + small (Part II's split): big is x rounded to TF32 (low 13 bits cleared), small
+// the exact rest, of which the tensor cores read the top 11 bits.
+__device__ __forceinline__ void split(float x, float& big, float& small) {
+    big = __uint_as_float((__float_as_uint(x) + 0x1000u) & 0xffffe000u);
+    small = x - big;
+}
+
 // --- operand layouts ---------------------------------------------------------------------
 // With TF32 operands wgmma reads both A and B "K-major" only (the transpose bits exist for
 // 16-bit types): row r of an operand holds its K values. For S = Q K^T both Q and K are
@@ -167,6 +174,23 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[64], const uint32_t (&a)[4],
           "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
           "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+}
+
+// wgmma's A fragment of k-step s, split, from an accumulator fragment x (64 x N, the layout
+// above): lane (g, t) holds D[g][8s + 2t], D[g][8s + 2t + 1], D[g + 8][8s + 2t], D[g + 8][8s + 2t + 1]
+// in x[4s .. 4s + 3], and A wants (g, k = t), (g + 8, t), (g, t + 4), (g + 8, t + 4). So the
+// B operand keeps its K of each 8 in that order: 2u at position u, 2u + 1 at u + 4.
+template <int N>
+__device__ __forceinline__ void a_from_accumulator(uint32_t (&big)[4], uint32_t (&small)[4], const float (&x)[N],
+                                                   int s) {
+    const float v[4] = {x[4 * s], x[4 * s + 2], x[4 * s + 1], x[4 * s + 3]};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        float b, sm;
+        split(v[e], b, sm);
+        big[e] = __float_as_uint(b);
+        small[e] = __float_as_uint(sm);
+    }
 }
 
 // A's fragment for wgmma_rs, k-step s: lane (g, t) of warp w holds A[16w + g][8s + t],
