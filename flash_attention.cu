@@ -17,6 +17,8 @@
 //   Part II  Tensor cores (kernel="fast", the default): the same algorithm and loop order
 //            on 64 x 64 tiles, with mma.sync in FP32 accuracy (3xTF32); it reuses Part I's
 //            D preprocess and dQ sum.
+//   Part III Hopper (kernel="hopper", H100 and H200, compiled for sm_90a): the forward on
+//            warpgroup MMA, fed by a producer warpgroup through mbarriers; Part II's backward.
 //   Then     the dispatch between the parts, and the PyTorch binding.
 //
 // Determinism
@@ -30,8 +32,8 @@
 //
 // Build and test
 //   ./install.sh && ./test_installation.sh     (the Python extension, then every test)
-//   nvcc -arch=sm_90 -Xptxas -v -c flash_attention.cu -o /dev/null
-//                                               (the kernels alone, without PyTorch)
+//   nvcc -gencode arch=compute_90a,code=sm_90a -DFLASH_ATTENTION_SM90A -Xptxas -v -c flash_attention.cu -o /dev/null
+//                                               (the kernels alone, without PyTorch; sm_90a holds Part III)
 //   The PyTorch binding at the end of this file is compiled only when
 //   FLASH_ATTENTION_WITH_TORCH is defined (setup.py and flash_attention.py define it).
 // =============================================================================
@@ -1384,10 +1386,510 @@ cudaError_t backward(In dout, In q, In k, In v, In o, const float* L, float* D, 
 }  // namespace fast
 
 // =============================================================================
+// Part III. Hopper: warpgroup MMA and a producer warpgroup (kernel="hopper", sm_90a)
+// =============================================================================
+// The forward of Part II, on the instructions that H100 and H200 add; the backward is Part
+// II's (a family meets the whole contract: L is the same, so Part II's backward takes this
+// forward's O and L). What changes, and why:
+//   * Warpgroup MMA. wgmma.mma_async multiplies a 64 x 64 tile with 4 warps (a
+//     "warpgroup") in one instruction, reads both operands from shared memory (or A from
+//     registers) and runs asynchronously: the warps go on until wgmma.wait_group. mma.sync
+//     (Part II) tops out near 320 TFLOP/s of TF32 on an H100; wgmma near 490, so 3xTF32's
+//     ceiling moves from about 107 to about 160 TFLOP/s of FP32 products.
+//   * The operand layouts. With TF32, wgmma reads A and B "K-major" only: row r of an
+//     operand holds the values summed over. S = Q K^T takes Q and K as they are (K = d);
+//     O = P V needs V^T (rows = d, K = keys). In shared memory an operand is a grid of "core
+//     matrices" (8 rows x 4 floats, 128 contiguous bytes), which a 64-bit descriptor
+//     locates (start, and the distances between core matrices along K and along rows).
+//   * A producer warpgroup. Part II's warps load, split and compute in turn. Here warpgroup
+//     0 only loads K_j, V_j (cp.async) and splits them into their big and small TF32 parts
+//     in wgmma's layout, two key tiles ahead at most; warpgroups 1 and 2 (the consumers)
+//     each own 64 query rows and only compute. setmaxnreg moves registers from the
+//     producer (40 a thread) to the consumers (232).
+//   * mbarriers hand the stages over: full[s] completes when the producer has filled stage
+//     s, empty[s] when both consumers are done with it. A phase of an mbarrier completes
+//     once its expected arrivals have arrived; a waiter names the parity of the phase it
+//     waits for, so a stage's k-th use waits for parity k % 2.
+//   * The async proxy. wgmma reads shared memory through the "async proxy", which does not
+//     see ordinary stores until fence.proxy.async: the producer fences after each split.
+//   * NaN containment. Inside a wgmma a hidden key's P = 0 meets its row of V for every
+//     query row of the chain, and 0 * NaN is NaN. The producer stages non-finite values
+//     of V as 0 and flags the stage; a consumer then adds, row by row, P~ times each
+//     non-finite value of the keys its rows see (add_nonfinite_pv), as Part II does.
+// Measured (H100, 2026-12-06, B·H = 16, N = 4096, the forward alone, TFLOP/s of FP32 products;
+// benchmarks/NOTES.md, v12-v15, has the runs):
+//   1. one warpgroup staging and computing in turn (prototype)     34.3
+//   2. a producer warpgroup, two consumers, mbarriers (prototype)  79.2; with strides and NaN
+//                                                                  containment 69.8, causal 54.4
+//   3. as here: one grid dimension, every head's longest query     75.1, causal 73.9
+//      tiles first (the prototype went head by head)               (Part II: 56.1 and 53.6)
+//   Tried and not kept: tile j + 1's S chain issued before tile j's softmax (-18%: its
+//   accumulators stay live through the softmax); the two consumers issuing in turns,
+//   FlashAttention-3's ping-pong (+2%); masks only on the tiles that need them (+0.3%).
+namespace hopper {
+
+constexpr int CONSUMERS = 2;                   // warpgroups computing, 64 query rows each
+constexpr int Br = 64 * CONSUMERS;             // query rows of a block
+constexpr int Bc = 64;                         // key rows of a tile
+constexpr int THREADS = 128 * (1 + CONSUMERS); // the producer warpgroup, then the consumers
+constexpr int TILE = 64 * 64;                  // floats of one split part of a tile (no padding)
+constexpr int RAW_STRIDE = d + 4;              // a raw tile's rows, padded as Part II's
+constexpr size_t SMEM = (2 * CONSUMERS + 2 * 4) * TILE * sizeof(float)  // Q per consumer; 2 stages of K, V^T
+                        + 2 * 64 * RAW_STRIDE * sizeof(float)            // raw K_j, V_j
+                        + 4 * sizeof(uint64_t)                           // mbarriers: full[2], empty[2]
+                        + 2 * sizeof(int);                               // nonfinite_v[2]: 226 KB
+static_assert(Bc == 64 && d == 64, "a tile product is 8 wgmma m64n64k8");
+
+#if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)  // the device code: sm_90a only
+
+// --- operand layouts -----------------------------------------------------------------------
+// A 64 x 64 operand (rows x K) in shared memory: core matrix (row group r / 8, K group k / 4)
+// at (k / 4 * 8 + r / 8) * 128 bytes, so the 8 core matrices of one K group are adjacent:
+// 128 bytes between row groups ("stride", SBO), 1 KB between K groups ("leading", LBO).
+__device__ __forceinline__ int element_at(int r, int k) { return ((k / 4) * 8 + r / 8) * 32 + (r % 8) * 4 + k % 4; }
+// The descriptor of k-step s (K columns 8s .. 8s + 7) of a tile: start address, LBO and SBO
+// in units of 16 bytes (bits 0-13, 16-29, 32-45); no swizzle.
+__device__ __forceinline__ uint64_t tile_step(const float* tile, int s) {
+    const uint64_t start = (fast::smem_addr(tile + element_at(0, 8 * s)) & 0x3FFFF) >> 4;
+    return start | uint64_t(1024 >> 4) << 16 | uint64_t(128 >> 4) << 32;
+}
+
+// --- wgmma ---------------------------------------------------------------------------------
+// The accumulator of D (64 x 64) in a warpgroup is Part II's, per warp: warp w holds rows
+// 16w .. 16w + 15; lane (g, t) holds d[4n .. 4n + 3] = D[16w + g][8n + 2t], D[16w + g][8n + 2t + 1],
+// D[16w + g + 8][8n + 2t], D[16w + g + 8][8n + 2t + 1]. accumulate = 0 overwrites D.
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+#define FLASH_D32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, " \
+                  "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define FLASH_D32_OPERANDS(d)                                                                              \
+    "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),        \
+    "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),  \
+    "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+    "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+// D += A B^T (64 x 64 x 8), A and B from shared memory.
+__device__ __forceinline__ void wgmma_ss(float (&d)[32], uint64_t a, uint64_t b, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k8.f32.tf32.tf32 " FLASH_D32 ", %32, %33, p, 1, 1;\n}\n"
+                 : FLASH_D32_OPERANDS(d) : "l"(a), "l"(b), "r"(accumulate));
+}
+// D += A B^T, A from registers (per warp, mma.sync m16n8k8's A fragment), B from shared memory.
+__device__ __forceinline__ void wgmma_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t b, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k8.f32.tf32.tf32 " FLASH_D32
+                 ", {%32, %33, %34, %35}, %36, p, 1, 1;\n}\n"
+                 : FLASH_D32_OPERANDS(d) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+}
+#undef FLASH_D32
+#undef FLASH_D32_OPERANDS
+
+// --- mbarriers, named barriers, registers --------------------------------------------------
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(fast::smem_addr(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+    asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(fast::smem_addr(bar))
+                 : "memory");
+}
+// Returns once the phase of parity `parity` of the barrier has completed.
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, int parity) {
+    uint32_t done;
+    do {
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+                     "selp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done) : "r"(fast::smem_addr(bar)), "r"(parity) : "memory");
+    } while (!done);
+}
+// A barrier for the 128 threads of one warpgroup (named barrier `id`; 0 is __syncthreads').
+template <int id>
+__device__ __forceinline__ void warpgroup_sync() { asm volatile("bar.sync %0, 128;\n" ::"n"(id) : "memory"); }
+// Whether any thread of warpgroup barrier `id` passes true (a barrier too).
+template <int id>
+__device__ __forceinline__ bool warpgroup_any(bool x) {
+    uint32_t any;
+    asm volatile("{\n.reg .pred p, q;\nsetp.ne.u32 q, %1, 0;\nbar.red.or.pred p, %2, 128, q;\n"
+                 "selp.u32 %0, 1, 0, p;\n}\n"
+                 : "=r"(any) : "r"((uint32_t)x), "n"(id) : "memory");
+    return any;
+}
+// Registers per thread from here on (the kernel starts every thread at 168, 65536 / 384):
+// the producer gives back what the consumers take.
+template <int registers>
+__device__ __forceinline__ void registers_down() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(registers));
+}
+template <int registers>
+__device__ __forceinline__ void registers_up() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(registers));
+}
+
+// --- staging: tiles into wgmma's layout, split (tid: the thread's index in its warpgroup) --
+
+// Splits x (Part II's split, big's ignored low bits cleared) and stores the parts at
+// elements (r, k .. k + 3) of two 64 x 64 operands (k a multiple of 4: one row of a core matrix).
+__device__ __forceinline__ void store_split4(float* big, float* small, int r, int k, float4 x) {
+    uint32_t b[4], s[4];
+    fast::split(x.x, b[0], s[0]);
+    fast::split(x.y, b[1], s[1]);
+    fast::split(x.z, b[2], s[2]);
+    fast::split(x.w, b[3], s[3]);
+    const int at = element_at(r, k);
+    *reinterpret_cast<uint4*>(big + at) =
+        make_uint4(b[0] & 0xffffe000u, b[1] & 0xffffe000u, b[2] & 0xffffe000u, b[3] & 0xffffe000u);
+    *reinterpret_cast<uint4*>(small + at) = make_uint4(s[0], s[1], s[2], s[3]);
+}
+// Start copying rows row0 .. row0 + 63 of src (zeros past N) into a raw tile.
+__device__ __forceinline__ void load_raw_async(float* raw, Rows<const float> src, int row0, int N, int tid) {
+    for (int f = tid; f < 64 * 16; f += 128) {
+        const int r = f / 16, c = f % 16;
+        const bool inside = row0 + r < N;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                     :: "r"(fast::smem_addr(raw + r * RAW_STRIDE + 4 * c)), "l"(src[inside ? row0 + r : 0] + 4 * c),
+                        "r"(inside ? 16 : 0));
+    }
+}
+// Rows row0 .. row0 + 63 of src (zeros past N) as an operand with d as K; each 8 lanes store
+// one core matrix. From global memory (Q_i), or from a raw tile (K_j).
+__device__ __forceinline__ void stage_rows(float* big, float* small, Rows<const float> src, int row0, int N, int tid) {
+    for (int f = tid; f < 64 * 16; f += 128) {
+        const int r = 8 * (f / 128) + f % 8, c = f / 8 % 16;  // row r, floats 4c .. 4c + 3
+        const float4 x = row0 + r < N ? *reinterpret_cast<const float4*>(src[row0 + r] + 4 * c)
+                                      : make_float4(0.f, 0.f, 0.f, 0.f);
+        store_split4(big, small, r, 4 * c, x);
+    }
+}
+__device__ __forceinline__ void split_rows(float* big, float* small, const float* raw, int tid) {
+    for (int f = tid; f < 64 * 16; f += 128) {
+        const int r = 8 * (f / 128) + f % 8, c = f / 8 % 16;
+        store_split4(big, small, r, 4 * c, *reinterpret_cast<const float4*>(raw + r * RAW_STRIDE + 4 * c));
+    }
+}
+// P's accumulator fragment holds keys 8s + 2t and 8s + 2t + 1 where wgmma's A fragment has
+// k = t and t + 4 (see p_fragment). So V_j^T keeps the keys of each 8 in that order (key 2u
+// at position u, key 2u + 1 at position u + 4), and P feeds the product as it is, the trick
+// of Part II's mma.sync.
+__device__ __forceinline__ int key_at(int position) {
+    const int u = position % 8;
+    return (position & ~7) | (u < 4 ? 2 * u : 2 * (u - 4) + 1);
+}
+// x, or 0 where x is a NaN or an infinity (then `found` is set).
+__device__ __forceinline__ float finite_or_zero(float x, bool& found) {
+    found |= !isfinite(x);
+    return isfinite(x) ? x : 0.f;
+}
+// V_j^T from a raw tile: rows = d, K = keys in key_at's order; a thread gathers 4 keys of
+// one column into one row of a core matrix. NaN and Inf are staged as 0; returns whether
+// this thread met one.
+__device__ __forceinline__ bool split_transposed(float* big, float* small, const float* raw, int tid) {
+    bool found = false;
+    for (int f = tid; f < 64 * 16; f += 128) {
+        const int n = f % 64, position = 4 * (f / 64);
+        const float* column = raw + n;
+        const float4 x = make_float4(finite_or_zero(column[key_at(position) * RAW_STRIDE], found),
+                                     finite_or_zero(column[key_at(position + 1) * RAW_STRIDE], found),
+                                     finite_or_zero(column[key_at(position + 2) * RAW_STRIDE], found),
+                                     finite_or_zero(column[key_at(position + 3) * RAW_STRIDE], found));
+        store_split4(big, small, n, position, x);
+    }
+    return found;
+}
+
+// --- one tile: lines 8-10 of Algorithm 1 for a consumer's 64 query rows ----------------------
+
+// A consumer's running state (line 5): lane (g, t) of warp w holds rows 16w + g and
+// 16w + g + 8 of O_i (the accumulator fragment), their running max (base 2) and its share
+// of their sums.
+struct RowState {
+    float O[32], m[2], l[2];
+};
+struct SplitTiles { const float *Q_big, *Q_small, *K_big, *K_small, *Vt_big, *Vt_small; };
+
+// Line 8, issued: S_ij = Q_i K_j^T, the small cross terms first (Part II's order); the
+// products run until wgmma_wait_all.
+__device__ __forceinline__ void issue_scores(float (&S)[32], const SplitTiles& x) {
+    wgmma_fence();
+#pragma unroll
+    for (int s = 0; s < 8; ++s) wgmma_ss(S, tile_step(x.Q_small, s), tile_step(x.K_big, s), s > 0);
+#pragma unroll
+    for (int s = 0; s < 8; ++s) wgmma_ss(S, tile_step(x.Q_big, s), tile_step(x.K_small, s), 1);
+#pragma unroll
+    for (int s = 0; s < 8; ++s) wgmma_ss(S, tile_step(x.Q_big, s), tile_step(x.K_big, s), 1);
+    wgmma_commit();
+}
+
+// Line 9: scale (base 2), mask, online softmax for key tile j; S becomes P~ in place.
+__device__ __forceinline__ void online_softmax(RowState& st, float (&S)[32], int row0, int j, int Nk, bool causal,
+                                               float scale_log2) {
+    const int w = threadIdx.x % 128 / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int row = row0 + 16 * w + g + 8 * h;
+        float row_max = st.m[h];
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int key = j * Bc + 8 * n + 2 * t + e;
+                float& s = S[4 * n + 2 * h + e];
+                s = masked(row, key, Nk, causal) ? -INFINITY : s * scale_log2;
+                row_max = fmaxf(row_max, s);
+            }
+        row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffffu, row_max, 1));
+        row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffffu, row_max, 2));
+        const float alpha = fast::exp2_approx(st.m[h] - row_max);
+        st.m[h] = row_max;
+        st.l[h] *= alpha;
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                float& s = S[4 * n + 2 * h + e];
+                s = fast::exp2_approx(s - row_max);
+                st.l[h] += s;
+                st.O[4 * n + 2 * h + e] *= alpha;
+            }
+    }
+}
+
+// wgmma's A fragment of P~ for k-step s (keys 8s .. 8s + 7), split: lane (g, t) has
+// P[g][8s + 2t], P[g][8s + 2t + 1], P[g + 8][8s + 2t], P[g + 8][8s + 2t + 1] in S[4s .. 4s + 3],
+// and A wants (g, k = t), (g + 8, t), (g, t + 4), (g + 8, t + 4): with V^T's keys in
+// key_at's order, the same values.
+__device__ __forceinline__ void split_p(uint32_t (&P_big)[8][4], uint32_t (&P_small)[8][4], const float (&S)[32]) {
+#pragma unroll
+    for (int s = 0; s < 8; ++s) {
+        const float p[4] = {S[4 * s], S[4 * s + 2], S[4 * s + 1], S[4 * s + 3]};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            fast::split(p[e], P_big[s][e], P_small[s][e]);
+            P_big[s][e] &= 0xffffe000u;
+        }
+    }
+}
+
+// Line 10, issued: pv = P~_ij V_j, added to O_i in FP32 once done (Part II's staging);
+// P_big, P_small must stay untouched until wgmma_wait_all.
+__device__ __forceinline__ void issue_pv(float (&pv)[32], const uint32_t (&P_big)[8][4],
+                                         const uint32_t (&P_small)[8][4], const SplitTiles& x) {
+    wgmma_fence();
+#pragma unroll
+    for (int s = 0; s < 8; ++s) wgmma_rs(pv, P_small[s], tile_step(x.Vt_big, s), s > 0);
+#pragma unroll
+    for (int s = 0; s < 8; ++s) wgmma_rs(pv, P_big[s], tile_step(x.Vt_small, s), 1);
+#pragma unroll
+    for (int s = 0; s < 8; ++s) wgmma_rs(pv, P_big[s], tile_step(x.Vt_big, s), 1);
+    wgmma_commit();
+}
+
+// The rare path of line 10, for a tile whose V held a NaN or Inf (staged as 0): each row
+// adds P~ times the non-finite values of the keys it sees, read from V in global memory.
+// P~ comes from the row's quad: lane t holds keys 8n + 2t and 8n + 2t + 1.
+__device__ __forceinline__ void add_nonfinite_pv(RowState& st, const float (&S)[32], Rows<const float> V, int row0,
+                                                   int j, int Nk, bool causal) {
+    const int w = threadIdx.x % 128 / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4, lane = threadIdx.x % 32;
+    for (int owner = 0; owner < 4; ++owner)
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int key = j * Bc + 8 * n + 2 * owner + e;
+                float p[2];
+                bool sees[2];
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    p[h] = __shfl_sync(0xffffffffu, S[4 * n + 2 * h + e], (lane & ~3) | owner);
+                    sees[h] = !masked(row0 + 16 * w + g + 8 * h, key, Nk, causal);
+                }
+                if (!sees[0] && !sees[1]) continue;
+#pragma unroll
+                for (int c = 0; c < 16; ++c) {  // the thread's columns 8 (c / 2) + 2t + c % 2
+                    const float x = V[key][8 * (c / 2) + 2 * t + c % 2];
+                    if (isfinite(x)) continue;
+#pragma unroll
+                    for (int h = 0; h < 2; ++h)
+                        if (sees[h]) st.O[4 * (c / 2) + 2 * h + c % 2] += p[h] * x;
+                }
+            }
+}
+
+// Lines 8-10 for key tile j and the consumer's rows row0 .. row0 + 63; its wgmma are done
+// on return.
+__device__ __forceinline__ void attend(RowState& st, const SplitTiles& x, int row0, int j, int Nk, bool causal,
+                                       float scale_log2, bool nonfinite_v, Rows<const float> V) {
+    float S[32], pv[32];
+    uint32_t P_big[8][4], P_small[8][4];
+    issue_scores(S, x);
+    wgmma_wait_all();
+    online_softmax(st, S, row0, j, Nk, causal, scale_log2);
+    split_p(P_big, P_small, S);
+    issue_pv(pv, P_big, P_small, x);
+    wgmma_wait_all();
+#pragma unroll
+    for (int e = 0; e < 32; ++e) st.O[e] += pv[e];
+    if (nonfinite_v) add_nonfinite_pv(st, S, V, row0, j, Nk, causal);
+}
+
+// Lines 12-15: O_i / l_i and L_i for rows row0 .. row0 + 63 (those below Nq).
+__device__ __forceinline__ void write_rows(const RowState& st, Rows<float> O, float* L, int row0, int Nq) {
+    const int w = threadIdx.x % 128 / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        float l_row = st.l[h] + __shfl_xor_sync(0xffffffffu, st.l[h], 1);
+        l_row += __shfl_xor_sync(0xffffffffu, l_row, 2);
+        const int row = row0 + 16 * w + g + 8 * h;
+        if (row >= Nq) continue;
+        const float inv_l = 1.f / l_row;
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+            *reinterpret_cast<float2*>(O[row] + 8 * n + 2 * t) =
+                make_float2(st.O[4 * n + 2 * h] * inv_l, st.O[4 * n + 2 * h + 1] * inv_l);
+        if (t == 0) L[row] = st.m[h] / fast::LOG2E + logf(l_row);
+    }
+}
+
+// The key tiles that rows row0 .. row0 + rows - 1 need (causal: up to the diagonal); 0 if
+// none of them is below Nq.
+__device__ __forceinline__ int key_tiles(int row0, int rows, int Nq, int Nk, bool causal) {
+    if (row0 >= Nq) return 0;
+    const int last_row = min(row0 + rows, Nq) - 1;
+    return causal ? min(cdiv(Nk, Bc), last_row / Bc + 1) : cdiv(Nk, Bc);
+}
+
+#endif  // the device code
+
+// -----------------------------------------------------------------------------
+// Forward: Algorithm 1 with a producer warpgroup and two consumers
+// -----------------------------------------------------------------------------
+// One block per (query tile i of 128 rows, batch * head), the last query tiles first.
+// Warpgroup 0 stages key tile j into stage j % 2; consumer c computes rows 128i + 64c ..
+// 128i + 64c + 63. full[s]: the stage holds its tile (128 producer arrivals); empty[s]: both
+// consumers are done with it (256). A consumer waits on full[s] and arrives on empty[s] for
+// every tile of the block, its own or not (causal: consumer 0 sees one key tile fewer), so
+// that no arrival runs a phase ahead.
+//   line 4  (load Q_i)                 : each consumer stages its 64 rows, split
+//   line 5  (O_i = 0, l_i = 0, m_i = -inf): RowState in registers
+//   line 6  (for j)                    : the producer's loop and, in step, the consumers'
+//   line 7  (load K_j, V_j)            : the producer: cp.async, split into stage j % 2
+//   lines 8-10                         : attend(): wgmma, online softmax, wgmma
+//   lines 12-15 (O_i / l_i, L_i)       : write_rows()
+__global__ void __launch_bounds__(THREADS, 1)
+forward_kernel(Tensor4<const float> q, Tensor4<const float> k, Tensor4<const float> v, Tensor4<float> o, float* L,
+               int64_t BH, int Nq, int Nk, float softmax_scale, bool causal) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    extern __shared__ __align__(128) float smem[];
+    float* stages = smem + 2 * CONSUMERS * TILE;  // stage s: K_big, K_small, Vt_big, Vt_small
+    float* raw_K = stages + 2 * 4 * TILE;
+    float* raw_V = raw_K + 64 * RAW_STRIDE;
+    uint64_t* full = reinterpret_cast<uint64_t*>(raw_V + 64 * RAW_STRIDE);
+    uint64_t* empty = full + 2;
+    int* nonfinite_v = reinterpret_cast<int*>(empty + 2);  // stage s's V held a NaN or Inf
+    const int wg = threadIdx.x / 128, tid = threadIdx.x % 128;
+    const int i = cdiv(Nq, Br) - 1 - (int)(blockIdx.x / BH);  // the grid is below 2^31 blocks
+    const int64_t bh = blockIdx.x % BH;
+    const int block_row0 = i * Br;
+    const Rows<const float> Q = q.head(bh), K = k.head(bh), V = v.head(bh);
+    const int Tc_block = key_tiles(block_row0, Br, Nq, Nk, causal);
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < 2; ++s) {
+            mbar_init(&full[s], 128);
+            mbar_init(&empty[s], 128 * CONSUMERS);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (wg == 0) {  // the producer: line 7 for every key tile, two stages ahead at most
+        registers_down<40>();
+        load_raw_async(raw_K, K, 0, Nk, tid);
+        load_raw_async(raw_V, V, 0, Nk, tid);
+        fast::cp_async_commit();
+        for (int j = 0; j < Tc_block; ++j) {
+            const int s = j % 2;
+            float* stage = stages + 4 * s * TILE;
+            fast::cp_async_wait_all();
+            warpgroup_sync<1>();                      // raw tile j landed, for every producer thread
+            mbar_wait(&empty[s], (j / 2 + 1) % 2);    // the consumers are done with tile j - 2
+            split_rows(stage, stage + TILE, raw_K, tid);
+            const bool found = split_transposed(stage + 2 * TILE, stage + 3 * TILE, raw_V, tid);
+            const bool any = warpgroup_any<1>(found);
+            if (tid == 0) nonfinite_v[s] = any;
+            fence_proxy_async();                      // the split tiles, visible to wgmma
+            mbar_arrive(&full[s]);
+            warpgroup_sync<1>();                      // every producer thread is done with the raw tile
+            if (j + 1 < Tc_block) {
+                load_raw_async(raw_K, K, (j + 1) * Bc, Nk, tid);
+                load_raw_async(raw_V, V, (j + 1) * Bc, Nk, tid);
+                fast::cp_async_commit();
+            }
+        }
+    } else {  // consumer c: lines 4-15 for its 64 query rows
+        registers_up<232>();  // 128 x 40 + 256 x 232 <= 65536
+        const int c = wg - 1, row0 = block_row0 + 64 * c;
+        float* Q_big = smem + 2 * c * TILE;
+        stage_rows(Q_big, Q_big + TILE, Q, row0, Nq, tid);  // line 4
+        fence_proxy_async();
+        if (c == 0) warpgroup_sync<2>();
+        else warpgroup_sync<3>();
+        RowState st;                                         // line 5
+#pragma unroll
+        for (int e = 0; e < 32; ++e) st.O[e] = 0.f;
+        st.m[0] = st.m[1] = -INFINITY;
+        st.l[0] = st.l[1] = 0.f;
+        const int Tc_rows = key_tiles(row0, 64, Nq, Nk, causal);
+        for (int j = 0; j < Tc_block; ++j) {                 // line 6, in step with the producer
+            const int s = j % 2;
+            float* stage = stages + 4 * s * TILE;
+            mbar_wait(&full[s], (j / 2) % 2);
+            if (j < Tc_rows)                                 // lines 8-10
+                attend(st, SplitTiles{Q_big, Q_big + TILE, stage, stage + TILE, stage + 2 * TILE, stage + 3 * TILE},
+                       row0, j, Nk, causal, softmax_scale * fast::LOG2E, nonfinite_v[s], V);
+            mbar_arrive(&empty[s]);
+        }
+        if (row0 < Nq) write_rows(st, o.head(bh), L + bh * Nq, row0, Nq);  // lines 12-15
+    }
+#endif
+}
+
+// -----------------------------------------------------------------------------
+// Launcher
+// -----------------------------------------------------------------------------
+
+// Whether this build holds Part III's code (compiled for sm_90a: FLASH_ATTENTION_SM90A, set
+// by the build where it targets Hopper) and the current GPU runs it (compute capability 9.0).
+bool available() {
+#ifdef FLASH_ATTENTION_SM90A
+    int device, major = 0, minor = 0;
+    if (cudaGetDevice(&device) != cudaSuccess) return false;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+    return major == 9 && minor == 0;
+#else
+    return false;
+#endif
+}
+
+cudaError_t forward(In q, In k, In v, Out o, float* L, int64_t BH, int Nq, int Nk, float softmax_scale,
+                    bool causal, cudaStream_t stream) {
+    const int64_t blocks = BH * cdiv(Nq, Br);
+    if (blocks == 0) return cudaSuccess;
+    if (blocks > INT32_MAX) return cudaErrorInvalidConfiguration;
+    const cudaError_t err = fast::allow_shared_memory<forward_kernel, SMEM>();
+    if (err != cudaSuccess) return err;
+    forward_kernel<<<(unsigned)blocks, THREADS, SMEM, stream>>>(q, k, v, o, L, BH, Nq, Nk, softmax_scale, causal);
+    return cudaGetLastError();
+}
+
+}  // namespace hopper
+
+// =============================================================================
 // Dispatch: the kernel family the caller chose (plain CUDA: pointers in, error code out)
 // =============================================================================
 
-enum class Kernel { fast, tutorial };
+// Part III's family runs its own forward and Part II's backward.
+enum class Kernel { fast, tutorial, hopper };
 
 // How many dQ partial buffers the deterministic backward uses (each part says why).
 int dq_partials(int Nk, Kernel kernel, bool causal) {
@@ -1396,13 +1898,16 @@ int dq_partials(int Nk, Kernel kernel, bool causal) {
 
 // How many ints the deterministic backward needs besides the buffers (Part I: none).
 int64_t dq_progress_ints(int64_t BH, int Nk, Kernel kernel) {
-    return kernel == Kernel::fast ? fast::dq_progress_ints(BH, Nk) : 0;
+    return kernel == Kernel::tutorial ? 0 : fast::dq_progress_ints(BH, Nk);
 }
 
 cudaError_t forward(In q, In k, In v, Out o, float* L, int64_t BH, int Nq, int Nk, float softmax_scale,
                     bool causal, Kernel kernel, cudaStream_t stream) {
-    return kernel == Kernel::tutorial ? tutorial::forward(q, k, v, o, L, BH, Nq, Nk, softmax_scale, causal, stream)
-                                      : fast::forward(q, k, v, o, L, BH, Nq, Nk, softmax_scale, causal, stream);
+    switch (kernel) {
+        case Kernel::tutorial: return tutorial::forward(q, k, v, o, L, BH, Nq, Nk, softmax_scale, causal, stream);
+        case Kernel::hopper: return hopper::forward(q, k, v, o, L, BH, Nq, Nk, softmax_scale, causal, stream);
+        default: return fast::forward(q, k, v, o, L, BH, Nq, Nk, softmax_scale, causal, stream);
+    }
 }
 
 // dq_progress: dq_progress_ints(BH, Nk, kernel) ints; reversed_start: see fast::backward.
@@ -1487,9 +1992,9 @@ flash::Tensor4<T> strided(const at::Tensor& t) {
 }
 
 flash::Kernel kernel_named(c10::string_view name) {
-    TORCH_CHECK(name == "fast" || name == "tutorial", "kernel must be \"fast\" or \"tutorial\", got \"",
-                name, "\"");
-    return name == "fast" ? flash::Kernel::fast : flash::Kernel::tutorial;
+    TORCH_CHECK(name == "fast" || name == "tutorial" || name == "hopper",
+                "kernel must be \"fast\", \"tutorial\" or \"hopper\", got \"", name, "\"");
+    return name == "fast" ? flash::Kernel::fast : name == "tutorial" ? flash::Kernel::tutorial : flash::Kernel::hopper;
 }
 
 // flash_attention::forward on CUDA: O and L.
@@ -1503,6 +2008,13 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
                 "q (B, H, Nq, 64), k and v (B, H, Nk, 64) expected");
     const flash::Kernel which = kernel_named(kernel);
     const c10::cuda::CUDAGuard guard(q.device());
+    if (which == flash::Kernel::hopper && !flash::hopper::available()) {
+        const cudaDeviceProp* gpu = at::cuda::getCurrentDeviceProperties();
+        TORCH_CHECK(false, "flash_attention: kernel=\"hopper\" runs on GPUs of compute capability 9.0 (H100, H200), "
+                    "with the kernels built for sm_90a (the build does so where it targets such a GPU); ",
+                    q.device(), " is ", gpu->name, " (", gpu->major, ".", gpu->minor,
+                    gpu->major == 9 && gpu->minor == 0 ? ") but these kernels were built without sm_90a" : ")");
+    }
     auto o = output_like(q);
     auto L = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
     C10_CUDA_CHECK(flash::forward(strided<const float>(readable(q)), strided<const float>(readable(k)),

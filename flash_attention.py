@@ -38,7 +38,7 @@ HEAD_DIM = 64  # the only head dimension the kernels are built for
 Br = 16  # query rows in a tile of the reference (and of Part I of flash_attention.cu)
 Bc = 16  # key/value rows in a tile
 DQ_PARTIALS = 16  # most dQ partial buffers of the reference's deterministic backward
-KERNELS = ("fast", "tutorial")  # the kernel families of flash_attention.cu; the first is the default
+KERNELS = ("fast", "tutorial", "hopper")  # the kernel families of flash_attention.cu; the first is the default
 
 
 def dq_partials(Nk: int) -> int:
@@ -170,6 +170,20 @@ COMPILE_FLAGS = ["-O3", "-DFLASH_ATTENTION_WITH_TORCH"]  # setup.py builds with 
 _extension_module = None
 
 
+def nvcc_flags() -> list[str]:
+    """COMPILE_FLAGS and the GPU architectures to build for, as PyTorch chooses them (the visible
+    GPUs, or TORCH_CUDA_ARCH_LIST), except that Hopper (compute capability 9.0) is built as
+    sm_90a: Part III needs its instructions (wgmma, setmaxnreg), and Parts I and II compile to
+    the same code there. FLASH_ATTENTION_SM90A then tells the host code that Part III is built."""
+    from torch.utils import cpp_extension
+
+    arch = [flag.replace("arch=compute_90,code=sm_90", "arch=compute_90a,code=sm_90a")
+            for flag in cpp_extension._get_cuda_arch_flags()]
+    if any("code=sm_90a" in flag for flag in arch):
+        arch.append("-DFLASH_ATTENTION_SM90A")
+    return COMPILE_FLAGS + arch
+
+
 def cuda_build_blockers(need_gpu_arch: bool = False) -> list[str]:
     """What this machine lacks to compile the CUDA kernels, one phrase each ([] if nothing).
 
@@ -268,7 +282,7 @@ def _compile_extension():
         name="flash_attention_cuda",
         sources=[str(CUDA_SOURCE)],
         extra_cflags=COMPILE_FLAGS,
-        extra_cuda_cflags=COMPILE_FLAGS,
+        extra_cuda_cflags=nvcc_flags(),
     )
 
 
@@ -501,9 +515,10 @@ def flash_attention(
             the backward bit-reproducible and batch-invariant (dQ from partial buffers summed
             in a fixed order); False lets dQ use atomicAdd.
         kernel: which kernel family runs on CUDA tensors: None (the default, "fast"), "fast"
-            (64x64 tiles on the tensor cores, FP32-accurate by 3xTF32) or "tutorial" (the 16x16
-            teaching kernels, plain FP32 FMAs). Every family meets the same contract. CPU tensors
-            run the PyTorch reference whatever kernel says.
+            (64x64 tiles on the tensor cores, FP32-accurate by 3xTF32), "tutorial" (the 16x16
+            teaching kernels, plain FP32 FMAs) or "hopper" (H100 and H200 only: the forward on
+            warpgroup MMA, the backward of "fast"). Every family meets the same contract. CPU
+            tensors run the PyTorch reference whatever kernel says.
 
     Returns:
         The attention output, with q's shape.

@@ -17,7 +17,7 @@ from setuptools.command.build_py import build_py
 from torch.utils import cpp_extension
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # build backends do not put it there
-from flash_attention import COMPILE_FLAGS, cuda_build_blockers  # noqa: E402  (one list of flags for both builds)
+from flash_attention import COMPILE_FLAGS, cuda_build_blockers, nvcc_flags  # noqa: E402  (the flags of both builds)
 
 
 class BuildKernelsIfPossible(cpp_extension.BuildExtension):
@@ -50,7 +50,7 @@ else:
         cpp_extension.CUDAExtension(
             name="flash_attention_cuda",
             sources=["flash_attention.cu"],
-            extra_compile_args={"cxx": COMPILE_FLAGS, "nvcc": COMPILE_FLAGS},
+            extra_compile_args={"cxx": COMPILE_FLAGS, "nvcc": nvcc_flags()},
         )
     )
 

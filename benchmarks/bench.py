@@ -66,6 +66,8 @@ IMPLS = {
     "flash_det": lambda q, k, v, causal: flash_attention(q, k, v, causal=causal, deterministic=True),
     "flash_tutorial": lambda q, k, v, causal: flash_attention(q, k, v, causal=causal, deterministic=False,
                                                               kernel="tutorial"),
+    "flash_hopper": lambda q, k, v, causal: flash_attention(q, k, v, causal=causal, deterministic=False,
+                                                            kernel="hopper"),  # H100, H200 only
     "sdpa_efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION),
     "sdpa_math": sdpa(SDPBackend.MATH),
     "naive": naive,
@@ -233,7 +235,8 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
 
-    impls = args.impl or list(IMPLS)
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    impls = args.impl or [impl for impl in IMPLS if impl != "flash_hopper" or hopper]
     if args.quick:
         lengths, shapes = args.n or [1024, 4096], [(2, 8)]
     else:

@@ -1,7 +1,7 @@
 // Warpgroup MMA (wgmma) on TF32 operands for sm_90a: the operand layouts in shared memory,
 // their descriptors, and the instructions, shared by the Hopper benchmarks of this folder
-// (wgmma_tf32.cu, hopper_forward.cu, hopper_backward.cu), with their error check and timer.
-// flash_attention.cu does not include it.
+// (wgmma_tf32.cu, hopper_backward.cu; hopper_forward.cu, a harness of flash_attention.cu's
+// Part III, takes only the error check and the timer). flash_attention.cu does not include it.
 #pragma once
 #include <cuda_runtime.h>
 

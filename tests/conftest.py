@@ -5,9 +5,24 @@ import math
 import pytest
 import torch
 
+import flash_attention as fa
 from flash_attention import FlashAttention, flash_attention
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none found)")
+HOPPER_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+def cuda_marks(kernel):
+    """The marks of a CUDA test of kernel family `kernel`: a GPU, and for "hopper" an H100 or H200."""
+    if kernel != "hopper":
+        return [requires_cuda]
+    return [requires_cuda, pytest.mark.skipif(not HOPPER_GPU, reason='kernel="hopper" needs a GPU of compute '
+                                              "capability 9.0 (H100, H200)")]
+
+
+def cuda_kernels():
+    """pytest params of every kernel family, with cuda_marks."""
+    return [pytest.param(kernel, marks=cuda_marks(kernel)) for kernel in fa.KERNELS]
 
 
 def random_qkv(B, H, Nq, Nk, device="cpu", seed=0, requires_grad=False):

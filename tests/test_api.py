@@ -56,7 +56,7 @@ def test_empty_inputs_give_empty_results(shape_q, shape_kv):
     assert torch.count_nonzero(k.grad) == 0 and torch.count_nonzero(v.grad) == 0
 
 
-@pytest.mark.parametrize("kernel", [None, "fast", "tutorial"])
+@pytest.mark.parametrize("kernel", [None, "fast", "tutorial", "hopper"])
 def test_every_documented_kernel_name_is_accepted(kernel):
     q, k, v = random_qkv(1, 2, 20, 20, seed=5)
     assert torch.equal(flash_attention(q, k, v, kernel=kernel), FlashAttention(kernel=kernel)(q, k, v))

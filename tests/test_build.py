@@ -26,10 +26,14 @@ def compile_without_spills(*nvcc_args) -> tuple[str, list[str]]:
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit), not found on PATH")
-def test_kernels_compile_without_spills(tmp_path):
-    report, kernels = compile_without_spills("-arch=sm_90", "-c", str(SOURCE), "-o", str(tmp_path / "fa.o"))
-    assert len(kernels) >= 4, report
+@pytest.mark.parametrize("arch", ["arch=compute_90,code=sm_90", "arch=compute_90a,code=sm_90a"])
+def test_kernels_compile_without_spills(tmp_path, arch):
+    # sm_90a, as the build compiles for Hopper, holds Part III's kernel; sm_90 an empty stand-in for it
+    report, kernels = compile_without_spills("-gencode", arch, "-DFLASH_ATTENTION_SM90A", "-c", str(SOURCE), "-o",
+                                             str(tmp_path / "fa.o"))
+    assert len(kernels) >= 8 and any("hopper" in kernel for kernel in kernels), report
     assert "stack frame" in report and not re.search(r"[1-9]\d* bytes stack frame", report), report
+    assert "C7518" not in report, report  # ptxas serialised wgmma (a chain in flight across a branch)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit), not found on PATH")
@@ -40,6 +44,17 @@ def test_hopper_benchmarks_compile_for_sm90a_without_spills_or_serialised_wgmma(
                                              str(tmp_path / name))
     assert len(kernels) >= 1, report
     assert "C7518" not in report, report  # ptxas serialised wgmma (a chain in flight across a branch)
+
+
+@pytest.mark.parametrize("arch_list,hopper", [("9.0", True), ("8.0;9.0+PTX", True), ("9.0a", True), ("8.0;8.6", False)])
+def test_hopper_targets_build_as_sm90a_with_part_iii(monkeypatch, arch_list, hopper):
+    import flash_attention as fa
+
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", arch_list)
+    flags = fa.nvcc_flags()
+    assert ("-DFLASH_ATTENTION_SM90A" in flags) == hopper, flags
+    assert ("-gencode=arch=compute_90a,code=sm_90a" in flags) == hopper, flags
+    assert "-gencode=arch=compute_90,code=sm_90" not in flags, flags  # Hopper's code is sm_90a's
 
 
 @pytest.mark.skipif(__import__("torch").version.cuda is not None, reason="this PyTorch is a CUDA build")

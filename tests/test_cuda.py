@@ -15,12 +15,12 @@ import pytest
 import torch
 
 import flash_attention as fa
-from conftest import flash_grads, float64_grads, max_err, on_sms, random_qkv, requires_cuda
+from conftest import cuda_kernels, flash_grads, float64_grads, max_err, on_sms, random_qkv, requires_cuda
 from flash_attention import FlashAttention, flash_attention
 
 pytestmark = requires_cuda
 
-@pytest.mark.parametrize("kernel", fa.KERNELS)
+@pytest.mark.parametrize("kernel", cuda_kernels())
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_sum_loss_non_contiguous_inputs(deterministic, kernel):
     x = torch.randn(2, 300, 4, 3 * 64, device="cuda")  # (B, N, H, 3 * d) from a fused projection
@@ -63,7 +63,7 @@ def test_empty_inputs():
     assert flash_attention(*random_qkv(0, 2, 5, 5, device="cuda")).shape == (0, 2, 5, 64)
 
 
-@pytest.mark.parametrize("kernel", fa.KERNELS)
+@pytest.mark.parametrize("kernel", cuda_kernels())
 def test_keys_no_query_sees_get_zero_gradients(kernel):
     q, k, v = random_qkv(1, 2, 20, 70, device="cuda", seed=7)  # causal: keys 20.. are hidden from every query
     _, _, dk, dv = flash_grads(q, k, v, torch.randn(1, 2, 20, 64, device="cuda"), causal=True, kernel=kernel)
@@ -109,7 +109,7 @@ def test_deterministic_outputs_are_those_of_the_pinned_kernels(case):
     assert dict(zip(("O", "dQ", "dK", "dV"), got)) == dict(zip(("O", "dQ", "dK", "dV"), expected))
 
 
-@pytest.mark.parametrize("kernel", fa.KERNELS)
+@pytest.mark.parametrize("kernel", cuda_kernels())
 @pytest.mark.parametrize("causal", [False, True])
 def test_deterministic_backward_on_a_few_sms_equals_the_whole_gpu(causal, kernel):
     # The ops are called directly, on this thread: autograd's worker thread would not run
@@ -223,7 +223,7 @@ def _peak_mib(N, deterministic, kernel, H=2):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-@pytest.mark.parametrize("kernel", fa.KERNELS)
+@pytest.mark.parametrize("kernel", cuda_kernels())
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_memory_grows_linearly_up_to_16384(deterministic, kernel):
     tensor_mib = 2 * 16384 * 64 * 4 / 2**20  # one (1, 2, 16384, 64) float32 tensor: 8 MiB

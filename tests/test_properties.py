@@ -1,6 +1,7 @@
 """Each property of flash_attention, tested once on every implementation: the PyTorch reference
-(CPU tensors; these cases run in CI) and both CUDA kernel families (skipped, with the reason,
-where there is no GPU). The CPU cases use smaller shapes: the reference is slow."""
+(CPU tensors; these cases run in CI) and every CUDA kernel family (skipped, with the reason,
+where there is no GPU, or for "hopper" no H100 or H200). The CPU cases use smaller shapes: the
+reference is slow."""
 
 import math
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 import flash_attention as fa
-from conftest import bad_inputs, flash_grads, float64_grads, max_err, random_qkv, requires_cuda
+from conftest import bad_inputs, cuda_marks, flash_grads, float64_grads, max_err, random_qkv, requires_cuda
 from flash_attention import flash_attention
 
 
@@ -17,8 +18,8 @@ def implementations(cpu, cuda):
     kernel family with each case of `cuda`."""
     params = [pytest.param("cpu", None, *case, id="-".join(map(str, ("cpu", *case)))) for case in cpu]
     for kernel in fa.KERNELS:
-        params += [pytest.param("cuda", kernel, *case, id="-".join(map(str, (kernel, *case))), marks=requires_cuda)
-                   for case in cuda]
+        params += [pytest.param("cuda", kernel, *case, id="-".join(map(str, (kernel, *case))),
+                                marks=cuda_marks(kernel)) for case in cuda]
     return params
 
 
