@@ -1,7 +1,8 @@
-// Part III's backward, first prototype (issue 15; benchmarks/NOTES.md, v15): Algorithm 2 for
-// one key tile per block (Part II's loop order), its five tile products on warpgroup MMA in
-// 3xTF32. One warpgroup per block stages and computes in turn (no producer yet), and walks
-// the query tiles 32 rows at a time, so that the operands fit in shared memory:
+// Part III's backward, prototypes (issue 15; benchmarks/NOTES.md): Algorithm 2 for one key
+// tile per block (Part II's loop order), its five tile products on warpgroup MMA in 3xTF32.
+// Version 1 (measured: 19 TFLOP/s at B*H = 16, N = 4096): one warpgroup per block stages and
+// computes in turn, and walks the query tiles 32 rows at a time, so that the operands fit
+// in shared memory:
 //   S_ij^T  = K_j Q_i^T       (64 x 32): A = K_j, B = Q_i, both K-major over d
 //   dP_ij^T = V_j dO_i^T      (64 x 32): A = V_j, B = dO_i
 //   dV_j   += P_ij^T dO_i     (64 x 64): A = P^T from registers, B = dO_i^T (rows d, K = queries)
@@ -10,13 +11,16 @@
 // (wgmma's M is 64 at least, so dQ_i, 32 rows, is computed transposed.) P^T's accumulator
 // fragment holds queries 8s + 2t and 8s + 2t + 1 where the A fragment has k = t and t + 4,
 // so Q_i^T and dO_i^T keep their queries in that order, as the forward keeps V^T's keys.
-// dQ is added with atomics (the default mode). Checked against float64 on the CPU, then
-// timed at B*H = 16, N = 4096. Finite inputs only: NaN containment is for a later version.
+// dQ is added with atomics (the default mode). Version 2 (below, compiled, not yet run) adds
+// a producer warpgroup and two consumers, in 16-query steps. Both are checked against
+// float64 on the CPU, then timed at B*H = 16, N = 4096. Finite inputs only: NaN containment
+// is for a later version.
 //   nvcc -gencode arch=compute_90a,code=sm_90a -O3 -o /tmp/hopper_backward benchmarks/hopper_backward.cu && timeout 60 /tmp/hopper_backward
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
+#include "../flash_attention.cu"  // version 2: Part III's mbarrier, barrier and register helpers
 #include "wgmma.cuh"
 
 constexpr int d = 64, Bc = 64, BQ = 32;  // head dim, keys of a block, queries of a step
@@ -37,6 +41,18 @@ __device__ __forceinline__ void wgmma_ss32(float (&d)[16], uint64_t a, uint64_t 
           "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
         : "l"(a), "l"(b), "r"(accumulate));
 }
+
+// D (64 x 16), the same layout with n = 0, 1 (version 2's 16-query steps).
+__device__ __forceinline__ void wgmma_ss16(float (&d)[8], uint64_t a, uint64_t b, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n16k8.f32.tf32.tf32 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+        : "l"(a), "l"(b), "r"(accumulate));
+}
+__device__ __forceinline__ void wgmma_ss_n(float (&d)[16], uint64_t a, uint64_t b, int acc) { wgmma_ss32(d, a, b, acc); }
+__device__ __forceinline__ void wgmma_ss_n(float (&d)[8], uint64_t a, uint64_t b, int acc) { wgmma_ss16(d, a, b, acc); }
 
 // --- operands in shared memory (kgroup_major: see wgmma.cuh) -------------------------------
 struct Operand {
@@ -61,30 +77,35 @@ __device__ __forceinline__ int position_of(int r) {
 }
 
 
-// D (64 x 32) = A B^T in 3xTF32 over K = 64 (8 k-steps), the small cross terms first.
-__device__ __forceinline__ void product_64x32(float (&D)[16], const Operand& A, const Operand& B) {
+// D (64 x N) = A B^T in 3xTF32 over K = 64 (8 k-steps), the small cross terms first; N = 32
+// (D: 16 floats) or 16 (8 floats).
+template <int F>
+__device__ __forceinline__ void product_64xN(float (&D)[F], const Operand& A, const Operand& B) {
     wgmma_fence();
 #pragma unroll
-    for (int s = 0; s < 8; ++s) wgmma_ss32(D, A.small_step(s), B.big_step(s), s > 0);
+    for (int s = 0; s < 8; ++s) wgmma_ss_n(D, A.small_step(s), B.big_step(s), s > 0);
 #pragma unroll
-    for (int s = 0; s < 8; ++s) wgmma_ss32(D, A.big_step(s), B.small_step(s), 1);
+    for (int s = 0; s < 8; ++s) wgmma_ss_n(D, A.big_step(s), B.small_step(s), 1);
 #pragma unroll
-    for (int s = 0; s < 8; ++s) wgmma_ss32(D, A.big_step(s), B.big_step(s), 1);
+    for (int s = 0; s < 8; ++s) wgmma_ss_n(D, A.big_step(s), B.big_step(s), 1);
     wgmma_commit();
     wgmma_wait_all();
 }
-// D (64 x 64) = X B^T in 3xTF32 over K = 32 queries (4 k-steps), X a 64 x 32 accumulator in registers.
-__device__ __forceinline__ void product_from_registers(float (&D)[32], const float (&X)[16], const Operand& B) {
-    uint32_t big[4][4], small[4][4];
+// D (64 x 64) = X B^T in 3xTF32 over K = the queries of a step (F / 4 k-steps), X a 64 x
+// queries accumulator in registers.
+template <int F>
+__device__ __forceinline__ void product_from_registers(float (&D)[32], const float (&X)[F], const Operand& B) {
+    constexpr int STEPS = F / 4;
+    uint32_t big[STEPS][4], small[STEPS][4];
 #pragma unroll
-    for (int s = 0; s < 4; ++s) a_from_accumulator(big[s], small[s], X, s);
+    for (int s = 0; s < STEPS; ++s) a_from_accumulator(big[s], small[s], X, s);
     wgmma_fence();
 #pragma unroll
-    for (int s = 0; s < 4; ++s) wgmma_rs(D, small[s], B.big_step(s), s > 0);
+    for (int s = 0; s < STEPS; ++s) wgmma_rs(D, small[s], B.big_step(s), s > 0);
 #pragma unroll
-    for (int s = 0; s < 4; ++s) wgmma_rs(D, big[s], B.small_step(s), 1);
+    for (int s = 0; s < STEPS; ++s) wgmma_rs(D, big[s], B.small_step(s), 1);
 #pragma unroll
-    for (int s = 0; s < 4; ++s) wgmma_rs(D, big[s], B.big_step(s), 1);
+    for (int s = 0; s < STEPS; ++s) wgmma_rs(D, big[s], B.big_step(s), 1);
     wgmma_commit();
     wgmma_wait_all();
 }
@@ -155,9 +176,9 @@ backward_kernel(const float* q, const float* k, const float* v, const float* dou
 
         // lines 10-11: S_ij^T = K_j Q_i^T; P_ij^T = exp(scale S - L), 0 where hidden
         float S[16], dP[16];
-        product_64x32(S, K_j, Q_i);
+        product_64xN(S, K_j, Q_i);
         // line 13: dP_ij^T = V_j dO_i^T
-        product_64x32(dP, V_j, dO_i);
+        product_64xN(dP, V_j, dO_i);
         // line 14: dS_ij^T = P_ij^T (dP_ij^T - D_i); S becomes P, dP becomes dS
 #pragma unroll
         for (int n = 0; n < 4; ++n)
@@ -182,7 +203,7 @@ backward_kernel(const float* q, const float* k, const float* v, const float* dou
         fence_proxy_async();
         __syncthreads();
         float dQt[16];
-        product_64x32(dQt, Kt_j, dS_ij);
+        product_64xN(dQt, Kt_j, dS_ij);
 #pragma unroll
         for (int n = 0; n < 4; ++n)
 #pragma unroll
@@ -202,6 +223,200 @@ backward_kernel(const float* q, const float* k, const float* v, const float* dou
             dv[(size_t)key * d + col] = dV_j[4 * n + e];
         }
 }
+
+// --- version 2: a producer warpgroup and two consumers ------------------------------------
+// Version 1's products, with the work split as Part III's forward splits it: warpgroup 0
+// (the producer) copies each step's query rows (cp.async) and stages Q_i, dO_i, Q_i^T and
+// dO_i^T split, into a ring of STAGES stages; consumers 1 and 2 take the steps in turn
+// (consumer c the steps n = c, c + 2, ...), each summing its own dK_j, dV_j, added at the
+// end. full[s]: stage s holds its step (128 producer arrivals); empty[s]: its consumer is
+// done reading it (128). The key tile (K_j, V_j, K_j^T) is staged by all three warpgroups
+// first. Steps of 16 queries so that the ring and a dS per consumer fit beside the key tile
+// (217 KB): S^T, dP^T and dQ^T are m64n16k8.
+namespace v2 {
+using flash::hopper::mbar_arrive;
+using flash::hopper::mbar_init;
+using flash::hopper::mbar_wait;
+using flash::hopper::warpgroup_sync;
+
+constexpr int BQ = 16, STAGES = 3, THREADS = 384;
+constexpr int KEY_OPERAND = 64 * d, QUERY_OPERAND = BQ * d;  // floats of one split part
+constexpr int RAW_STRIDE = d + 4;                              // raw rows, padded as Part II's
+constexpr int STAGE = 4 * 2 * QUERY_OPERAND + 2 * BQ;          // Q, dO, Q^T, dO^T split; L_i, D_i
+constexpr size_t SMEM = (3 * 2 * KEY_OPERAND + STAGES * STAGE + 2 * 2 * QUERY_OPERAND + 2 * BQ * RAW_STRIDE)
+                            * sizeof(float) + 2 * STAGES * sizeof(uint64_t);  // 217 KB
+static_assert(SMEM <= 227 * 1024, "one block per SM");
+
+struct Stage {
+    Operand Q, dO, Qt, dOt;
+    float *L, *D;
+};
+__device__ __forceinline__ Stage stage_at(float* base) {
+    return Stage{Operand{base, base + QUERY_OPERAND, BQ, d},
+                 Operand{base + 2 * QUERY_OPERAND, base + 3 * QUERY_OPERAND, BQ, d},
+                 Operand{base + 4 * QUERY_OPERAND, base + 5 * QUERY_OPERAND, d, BQ},
+                 Operand{base + 6 * QUERY_OPERAND, base + 7 * QUERY_OPERAND, d, BQ},
+                 base + 8 * QUERY_OPERAND, base + 8 * QUERY_OPERAND + BQ};
+}
+
+// Starts copying rows row0 .. row0 + BQ - 1 of x (zeros from N on) into raw (tid: 0 .. 127).
+__device__ __forceinline__ void load_rows_async(float* raw, const float* x, int row0, int N, int tid) {
+    for (int f = tid; f < BQ * 16; f += 128) {
+        const int r = f / 16, c = 4 * (f % 16);
+        const bool inside = row0 + r < N;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(raw + r * RAW_STRIDE + c)),
+                     "l"(x + (size_t)(inside ? row0 + r : 0) * d + c), "r"(inside ? 16 : 0));
+    }
+}
+
+// One block per (key tile j, head bh), as version 1.
+__global__ void __launch_bounds__(THREADS, 1)
+backward_kernel(const float* q, const float* k, const float* v, const float* dout, const float* L, const float* D,
+                float* dq, float* dk, float* dv, int BH, int Nq, int Nk, float softmax_scale, bool causal) {
+    extern __shared__ __align__(128) float smem[];
+    const Operand K_j{smem, smem + KEY_OPERAND, 64, d}, V_j{smem + 2 * KEY_OPERAND, smem + 3 * KEY_OPERAND, 64, d},
+        Kt_j{smem + 4 * KEY_OPERAND, smem + 5 * KEY_OPERAND, d, 64};
+    float* ring = smem + 6 * KEY_OPERAND;
+    float* dS_area = ring + STAGES * STAGE;                 // consumer c's dS_ij at 2c parts
+    float* raw_Q = dS_area + 4 * QUERY_OPERAND;
+    float* raw_dO = raw_Q + BQ * RAW_STRIDE;
+    uint64_t* full = reinterpret_cast<uint64_t*>(raw_dO + BQ * RAW_STRIDE);
+    uint64_t* empty = full + STAGES;
+    const int wg = threadIdx.x / 128, tid = threadIdx.x % 128, w = tid / 32, g = tid % 32 / 4, t = tid % 4;
+    const int j = blockIdx.x / BH, bh = blockIdx.x % BH;
+    q += (size_t)bh * Nq * d; dout += (size_t)bh * Nq * d; dq += (size_t)bh * Nq * d;
+    k += (size_t)bh * Nk * d; v += (size_t)bh * Nk * d; dk += (size_t)bh * Nk * d; dv += (size_t)bh * Nk * d;
+    L += (size_t)bh * Nq; D += (size_t)bh * Nq;
+    const int first = causal ? j * Bc / BQ : 0, steps = cdiv(Nq, BQ) > first ? cdiv(Nq, BQ) - first : 0;
+
+    // line 6: K_j, V_j, K_j^T by every thread; the mbarriers
+    for (int f = threadIdx.x; f < 64 * 16; f += THREADS) {
+        const int r = f / 16, c = 4 * (f % 16), key = j * Bc + r;
+        const float4 x = key < Nk ? *reinterpret_cast<const float4*>(k + (size_t)key * d + c) : make_float4(0, 0, 0, 0);
+        const float4 y = key < Nk ? *reinterpret_cast<const float4*>(v + (size_t)key * d + c) : make_float4(0, 0, 0, 0);
+        const float xs[4] = {x.x, x.y, x.z, x.w}, ys[4] = {y.x, y.y, y.z, y.w};
+        for (int e = 0; e < 4; ++e) {
+            K_j.store(r, c + e, xs[e]);
+            V_j.store(r, c + e, ys[e]);
+            Kt_j.store(c + e, r, xs[e]);
+        }
+    }
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(&full[s], 128);
+            mbar_init(&empty[s], 128);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    fence_proxy_async();
+    __syncthreads();
+
+    if (wg == 0) {  // the producer: line 9 for every step, STAGES steps ahead at most
+        flash::hopper::registers_down<40>();
+        if (steps > 0) {
+            load_rows_async(raw_Q, q, first * BQ, Nq, tid);
+            load_rows_async(raw_dO, dout, first * BQ, Nq, tid);
+            flash::fast::cp_async_commit();
+        }
+        for (int n = 0; n < steps; ++n) {
+            const int s = n % STAGES, q0 = (first + n) * BQ;
+            const Stage x = stage_at(ring + s * STAGE);
+            flash::fast::cp_async_wait_all();
+            warpgroup_sync<1>();                           // the raw rows of step n landed
+            mbar_wait(&empty[s], (n / STAGES + 1) % 2);    // step n - STAGES is done with stage s
+            for (int f = tid; f < BQ * d; f += 128) {      // Q_i, dO_i; Q_i^T, dO_i^T in position_of order
+                const int r = f / d, c = f % d;
+                const float a = raw_Q[r * RAW_STRIDE + c], b = raw_dO[r * RAW_STRIDE + c];
+                x.Q.store(r, c, a);
+                x.dO.store(r, c, b);
+                x.Qt.store(c, position_of(r), a);
+                x.dOt.store(c, position_of(r), b);
+            }
+            if (tid < BQ) x.L[tid] = q0 + tid < Nq ? L[q0 + tid] : 0.f;
+            else if (tid < 2 * BQ) x.D[tid - BQ] = q0 + tid - BQ < Nq ? D[q0 + tid - BQ] : 0.f;
+            fence_proxy_async();
+            mbar_arrive(&full[s]);
+            warpgroup_sync<1>();                           // every producer thread is done with the raw rows
+            if (n + 1 < steps) {
+                load_rows_async(raw_Q, q, q0 + BQ, Nq, tid);
+                load_rows_async(raw_dO, dout, q0 + BQ, Nq, tid);
+                flash::fast::cp_async_commit();
+            }
+        }
+        return;
+    }
+    // consumer c: lines 10-16 for its steps, then line 18 with the other consumer's sums
+    flash::hopper::registers_up<232>();
+    const int c = wg - 1;
+    const Operand dS_ij{dS_area + 2 * c * QUERY_OPERAND, dS_area + (2 * c + 1) * QUERY_OPERAND, BQ, 64};
+    const float scale_log2 = softmax_scale * LOG2E;
+    float dK_j[32], dV_j[32], part[32];  // line 7
+    for (int e = 0; e < 32; ++e) dK_j[e] = dV_j[e] = 0.f;
+    for (int n = c; n < steps; n += 2) {
+        const int s = n % STAGES, q0 = (first + n) * BQ;
+        const Stage x = stage_at(ring + s * STAGE);
+        mbar_wait(&full[s], (n / STAGES) % 2);
+        float S[8] = {}, dP[8] = {};  // zeros: ptxas otherwise breaks the chain with a wait (C7517)
+        product_64xN(S, K_j, x.Q);     // lines 10-11: S_ij^T = K_j Q_i^T
+        product_64xN(dP, V_j, x.dO);   // line 13: dP_ij^T = V_j dO_i^T
+#pragma unroll
+        for (int nb = 0; nb < 2; ++nb)  // line 14: S becomes P^T, dP becomes dS^T
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = j * Bc + 16 * w + g + 8 * (e / 2), col = 8 * nb + 2 * t + e % 2, query = q0 + col;
+                const bool hidden = query >= Nq || key >= Nk || (causal && key > query);
+                const float p = hidden ? 0.f : exp2f(S[4 * nb + e] * scale_log2 - x.L[col] * LOG2E);
+                S[4 * nb + e] = p;
+                dP[4 * nb + e] = p * (dP[4 * nb + e] - x.D[col]);
+            }
+        product_from_registers(part, S, x.dOt);  // line 12: dV_j += P_ij^T dO_i
+        for (int e = 0; e < 32; ++e) dV_j[e] += part[e];
+        product_from_registers(part, dP, x.Qt);  // line 16: dK_j += dS_ij^T Q_i
+        for (int e = 0; e < 32; ++e) dK_j[e] += part[e];
+        mbar_arrive(&empty[s]);  // the last read of stage s
+        // line 15: dQ_i^T = K_j^T dS_ij^T, dS_ij stored as B (rows = queries, K = keys)
+        if (c == 0) warpgroup_sync<2>();  // the last step's dQ product has read dS_ij
+        else warpgroup_sync<3>();
+#pragma unroll
+        for (int nb = 0; nb < 2; ++nb)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) dS_ij.store(8 * nb + 2 * t + e % 2, 16 * w + g + 8 * (e / 2), dP[4 * nb + e]);
+        fence_proxy_async();
+        if (c == 0) warpgroup_sync<2>();
+        else warpgroup_sync<3>();
+        float dQt[8];
+        product_64xN(dQt, Kt_j, dS_ij);
+#pragma unroll
+        for (int nb = 0; nb < 2; ++nb)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int col = 16 * w + g + 8 * (e / 2), query = q0 + 8 * nb + 2 * t + e % 2;
+                if (query < Nq) atomicAdd(dq + (size_t)query * d + col, softmax_scale * dQt[4 * nb + e]);
+            }
+    }
+    // line 18: consumer 1 hands its sums over through the ring (both consumers are past their
+    // last reads of it), consumer 0 adds them and writes dK_j (times the scale), dV_j.
+    float* handover = ring;
+    asm volatile("bar.sync 4, 256;\n" ::: "memory");
+    if (c == 1)
+        for (int e = 0; e < 32; ++e) {
+            handover[e * 128 + tid] = dK_j[e];
+            handover[(32 + e) * 128 + tid] = dV_j[e];
+        }
+    asm volatile("bar.sync 4, 256;\n" ::: "memory");
+    if (c == 1) return;
+#pragma unroll
+    for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int key = j * Bc + 16 * w + g + 8 * (e / 2), col = 8 * nb + 2 * t + e % 2, r = 4 * nb + e;
+            if (key >= Nk) continue;
+            dk[(size_t)key * d + col] = softmax_scale * (dK_j[r] + handover[r * 128 + tid]);
+            dv[(size_t)key * d + col] = dV_j[r] + handover[(32 + r) * 128 + tid];
+        }
+}
+
+}  // namespace v2
 
 // --- host ----------------------------------------------------------------------------------
 
@@ -256,9 +471,10 @@ Problem random_problem(int BH, int Nq, int Nk, bool causal, unsigned seed, std::
     return p;
 }
 
-// Runs the kernel once, then `reps` more times between CUDA events; returns the median ms
-// and leaves dq, dk, dv in the vectors.
-float run(const Problem& p, std::vector<float>& dq, std::vector<float>& dk, std::vector<float>& dv, int reps) {
+// Runs version 1 or 2 once, then `reps` more times between CUDA events; returns the median
+// ms and leaves dq, dk, dv in the vectors.
+float run(int version, const Problem& p, std::vector<float>& dq, std::vector<float>& dk, std::vector<float>& dv,
+          int reps) {
     const size_t nq = (size_t)p.BH * p.Nq * d, nk = (size_t)p.BH * p.Nk * d;
     float *q, *k, *v, *dout, *L, *D, *gq, *gk, *gv;
     for (auto [ptr, n] : {std::pair{&q, nq}, {&dout, nq}, {&gq, nq}, {&k, nk}, {&v, nk}, {&gk, nk}, {&gv, nk},
@@ -270,11 +486,13 @@ float run(const Problem& p, std::vector<float>& dq, std::vector<float>& dk, std:
     CHECK(cudaMemcpy(v, p.v.data(), nk * 4, cudaMemcpyHostToDevice));
     CHECK(cudaMemcpy(L, p.L.data(), p.L.size() * 4, cudaMemcpyHostToDevice));
     CHECK(cudaMemcpy(D, p.D.data(), p.D.size() * 4, cudaMemcpyHostToDevice));
-    CHECK(cudaFuncSetAttribute(backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)SMEM));
+    const auto kernel = version == 1 ? backward_kernel : v2::backward_kernel;
+    const size_t smem = version == 1 ? SMEM : v2::SMEM;
+    CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     auto launch = [&] {
         CHECK(cudaMemsetAsync(gq, 0, nq * 4));
-        backward_kernel<<<p.BH * cdiv(p.Nk, Bc), THREADS, SMEM>>>(q, k, v, dout, L, D, gq, gk, gv, p.BH, p.Nq, p.Nk,
-                                                                 0.125f, p.causal);
+        kernel<<<p.BH * cdiv(p.Nk, Bc), version == 1 ? THREADS : v2::THREADS, smem>>>(
+            q, k, v, dout, L, D, gq, gk, gv, p.BH, p.Nq, p.Nk, 0.125f, p.causal);
         CHECK(cudaGetLastError());
     };
     const float ms = median_ms(launch, reps);
@@ -289,11 +507,11 @@ float run(const Problem& p, std::vector<float>& dq, std::vector<float>& dk, std:
 }
 
 // max |dX - dX64| for dQ, dK, dV against Algorithm 2 in float64 (Part II's errors: ~1e-6 to 1e-5).
-bool check(int BH, int Nq, int Nk, bool causal) {
+bool check(int version, int BH, int Nq, int Nk, bool causal) {
     std::vector<double> O64;
     const Problem p = random_problem(BH, Nq, Nk, causal, 4321 + Nq + Nk, &O64);
     std::vector<float> dq, dk, dv;
-    run(p, dq, dk, dv, 0);
+    run(version, p, dq, dk, dv, 0);
     std::vector<double> dq64((size_t)BH * Nq * d, 0.0), dk64((size_t)BH * Nk * d, 0.0), dv64((size_t)BH * Nk * d, 0.0);
     for (int bh = 0; bh < BH; ++bh)
         for (int r = 0; r < Nq; ++r)
@@ -323,27 +541,30 @@ bool check(int BH, int Nq, int Nk, bool causal) {
     };
     const double eq = max_err(dq, dq64), ek = max_err(dk, dk64), ev = max_err(dv, dv64);
     const bool ok = eq < 5e-5 && ek < 5e-5 && ev < 5e-5;
-    printf("BH=%d Nq=%d Nk=%d causal=%d: max err dQ %.2e, dK %.2e, dV %.2e  %s\n", BH, Nq, Nk, causal, eq, ek, ev,
-           ok ? "ok" : "WRONG");
+    printf("version %d, BH=%d Nq=%d Nk=%d causal=%d: max err dQ %.2e, dK %.2e, dV %.2e  %s\n", version, BH, Nq, Nk,
+           causal, eq, ek, ev, ok ? "ok" : "WRONG");
     return ok;
 }
 
 int main() {
     if (!runs_wgmma()) return 1;
     bool ok = true;
-    for (bool causal : {false, true}) {
-        ok &= check(2, 64, 64, causal);
-        ok &= check(2, 100, 37, causal);
-        ok &= check(2, 37, 300, causal);
-        ok &= check(1, 300, 130, causal);
-        ok &= check(3, 200, 200, causal);
-    }
-    for (bool causal : {false, true}) {
-        const Problem p = random_problem(16, 4096, 4096, causal, 7);
-        std::vector<float> dq, dk, dv;
-        const float ms = run(p, dq, dk, dv, 10);
-        const double flop = 2.5 * 4.0 * 16 * 4096.0 * 4096.0 * d / (causal ? 2 : 1);
-        printf("B*H=16, N=4096, causal=%d: %.3f ms, %.1f TFLOP/s\n", causal, ms, flop / ms / 1e9);
-    }
+    for (int version : {1, 2})
+        for (bool causal : {false, true}) {
+            ok &= check(version, 2, 64, 64, causal);
+            ok &= check(version, 2, 100, 37, causal);
+            ok &= check(version, 2, 37, 300, causal);
+            ok &= check(version, 1, 300, 130, causal);
+            ok &= check(version, 3, 200, 200, causal);
+        }
+    for (int version : {1, 2})
+        for (bool causal : {false, true}) {
+            const Problem p = random_problem(16, 4096, 4096, causal, 7);
+            std::vector<float> dq, dk, dv;
+            const float ms = run(version, p, dq, dk, dv, 10);
+            const double flop = 2.5 * 4.0 * 16 * 4096.0 * 4096.0 * d / (causal ? 2 : 1);
+            printf("version %d, B*H=16, N=4096, causal=%d: %.3f ms, %.1f TFLOP/s\n", version, causal, ms,
+                   flop / ms / 1e9);
+        }
     return ok ? 0 : 1;
 }
