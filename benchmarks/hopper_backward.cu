@@ -110,6 +110,48 @@ __device__ __forceinline__ void product_from_registers(float (&D)[32], const flo
     wgmma_wait_all();
 }
 
+// X^T into B, an operand with the queries as rows: X is a 64 x queries accumulator
+// fragment (rows = keys), as dS_ij^T is.
+template <int F>
+__device__ __forceinline__ void store_transposed(const Operand& B, const float (&X)[F]) {
+    const int w = threadIdx.x % 128 / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+#pragma unroll
+    for (int n = 0; n < F / 4; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) B.store(8 * n + 2 * t + e % 2, 16 * w + g + 8 * (e / 2), X[4 * n + e]);
+}
+// Line 15's sum: dQ_i += scale (dQ_i^T)^T, from dQ_i^T's accumulator fragment (64 x queries
+// q0 ..), by atomics.
+template <int F>
+__device__ __forceinline__ void add_dq(float* dq, const float (&dQt)[F], int q0, int Nq, float softmax_scale) {
+    const int w = threadIdx.x % 128 / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+#pragma unroll
+    for (int n = 0; n < F / 4; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int col = 16 * w + g + 8 * (e / 2), query = q0 + 8 * n + 2 * t + e % 2;
+            if (query < Nq) atomicAdd(dq + (size_t)query * d + col, softmax_scale * dQt[4 * n + e]);
+        }
+}
+
+// Line 6: key tile j of one head's k and v as K_j, V_j (rows = keys) and K_j^T (rows = d),
+// split; zeros past Nk. Thread `thread` of `threads`.
+__device__ __forceinline__ void stage_key_tile(const Operand& K_j, const Operand& V_j, const Operand& Kt_j,
+                                               const float* k, const float* v, int j, int Nk, int thread,
+                                               int threads) {
+    for (int f = thread; f < 64 * 16; f += threads) {
+        const int r = f / 16, c = 4 * (f % 16), key = j * Bc + r;
+        const float4 x = key < Nk ? *reinterpret_cast<const float4*>(k + (size_t)key * d + c) : make_float4(0, 0, 0, 0);
+        const float4 y = key < Nk ? *reinterpret_cast<const float4*>(v + (size_t)key * d + c) : make_float4(0, 0, 0, 0);
+        const float xs[4] = {x.x, x.y, x.z, x.w}, ys[4] = {y.x, y.y, y.z, y.w};
+        for (int e = 0; e < 4; ++e) {
+            K_j.store(r, c + e, xs[e]);
+            V_j.store(r, c + e, ys[e]);
+            Kt_j.store(c + e, r, xs[e]);
+        }
+    }
+}
+
 constexpr size_t SMEM = (6 * 64 * 64 + 10 * BQ * 64 + 2 * BQ) * sizeof(float);  // 176 KiB
 
 // One block per (key tile j, head bh): block j * BH + bh. q, k, v, dout, dq, dk, dv are
@@ -137,17 +179,7 @@ backward_kernel(const float* q, const float* k, const float* v, const float* dou
     const float scale_log2 = softmax_scale * LOG2E;
 
     // line 6: K_j, V_j (rows = keys), K_j^T (rows = d); zeros past Nk
-    for (int f = tid; f < 64 * 16; f += THREADS) {
-        const int r = f / 16, c = 4 * (f % 16), key = j * Bc + r;
-        const float4 x = key < Nk ? *reinterpret_cast<const float4*>(k + (size_t)key * d + c) : make_float4(0, 0, 0, 0);
-        const float4 y = key < Nk ? *reinterpret_cast<const float4*>(v + (size_t)key * d + c) : make_float4(0, 0, 0, 0);
-        const float xs[4] = {x.x, x.y, x.z, x.w}, ys[4] = {y.x, y.y, y.z, y.w};
-        for (int e = 0; e < 4; ++e) {
-            K_j.store(r, c + e, xs[e]);
-            V_j.store(r, c + e, ys[e]);
-            Kt_j.store(c + e, r, xs[e]);
-        }
-    }
+    stage_key_tile(K_j, V_j, Kt_j, k, v, j, Nk, tid, THREADS);
     float dK_j[32], dV_j[32], part[32];  // line 7
     for (int e = 0; e < 32; ++e) dK_j[e] = dV_j[e] = 0.f;
 
@@ -196,21 +228,12 @@ backward_kernel(const float* q, const float* k, const float* v, const float* dou
         product_from_registers(part, dP, Qt_i);
         for (int e = 0; e < 32; ++e) dK_j[e] += part[e];
         // line 15: dQ_i^T = K_j^T dS_ij^T, with dS_ij stored as B (rows = queries, K = keys)
-#pragma unroll
-        for (int n = 0; n < 4; ++n)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) dS_ij.store(8 * n + 2 * t + e % 2, 16 * w + g + 8 * (e / 2), dP[4 * n + e]);
+        store_transposed(dS_ij, dP);
         fence_proxy_async();
         __syncthreads();
         float dQt[16];
         product_64xN(dQt, Kt_j, dS_ij);
-#pragma unroll
-        for (int n = 0; n < 4; ++n)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int col = 16 * w + g + 8 * (e / 2), query = q0 + 8 * n + 2 * t + e % 2;
-                if (query < Nq) atomicAdd(dq + (size_t)query * d + col, softmax_scale * dQt[4 * n + e]);
-            }
+        add_dq(dq, dQt, q0, Nq, softmax_scale);
     }
     // line 18: dK_j (times the scale), dV_j; zero for keys no query sees
 #pragma unroll
@@ -290,17 +313,7 @@ backward_kernel(const float* q, const float* k, const float* v, const float* dou
     const int first = causal ? j * Bc / BQ : 0, steps = cdiv(Nq, BQ) > first ? cdiv(Nq, BQ) - first : 0;
 
     // line 6: K_j, V_j, K_j^T by every thread; the mbarriers
-    for (int f = threadIdx.x; f < 64 * 16; f += THREADS) {
-        const int r = f / 16, c = 4 * (f % 16), key = j * Bc + r;
-        const float4 x = key < Nk ? *reinterpret_cast<const float4*>(k + (size_t)key * d + c) : make_float4(0, 0, 0, 0);
-        const float4 y = key < Nk ? *reinterpret_cast<const float4*>(v + (size_t)key * d + c) : make_float4(0, 0, 0, 0);
-        const float xs[4] = {x.x, x.y, x.z, x.w}, ys[4] = {y.x, y.y, y.z, y.w};
-        for (int e = 0; e < 4; ++e) {
-            K_j.store(r, c + e, xs[e]);
-            V_j.store(r, c + e, ys[e]);
-            Kt_j.store(c + e, r, xs[e]);
-        }
-    }
+    stage_key_tile(K_j, V_j, Kt_j, k, v, j, Nk, threadIdx.x, THREADS);
     if (threadIdx.x == 0) {
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(&full[s], 128);
@@ -377,22 +390,13 @@ backward_kernel(const float* q, const float* k, const float* v, const float* dou
         // line 15: dQ_i^T = K_j^T dS_ij^T, dS_ij stored as B (rows = queries, K = keys)
         if (c == 0) warpgroup_sync<2>();  // the last step's dQ product has read dS_ij
         else warpgroup_sync<3>();
-#pragma unroll
-        for (int nb = 0; nb < 2; ++nb)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) dS_ij.store(8 * nb + 2 * t + e % 2, 16 * w + g + 8 * (e / 2), dP[4 * nb + e]);
+        store_transposed(dS_ij, dP);
         fence_proxy_async();
         if (c == 0) warpgroup_sync<2>();
         else warpgroup_sync<3>();
         float dQt[8];
         product_64xN(dQt, Kt_j, dS_ij);
-#pragma unroll
-        for (int nb = 0; nb < 2; ++nb)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int col = 16 * w + g + 8 * (e / 2), query = q0 + 8 * nb + 2 * t + e % 2;
-                if (query < Nq) atomicAdd(dq + (size_t)query * d + col, softmax_scale * dQt[4 * nb + e]);
-            }
+        add_dq(dq, dQt, q0, Nq, softmax_scale);
     }
     // line 18: consumer 1 hands its sums over through the ring (both consumers are past their
     // last reads of it), consumer 0 adds them and writes dK_j (times the scale), dV_j.
