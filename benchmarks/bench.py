@@ -61,13 +61,15 @@ def sdpa(backend):
     return run
 
 
+def flash(**options):
+    return lambda q, k, v, causal: flash_attention(q, k, v, causal=causal, **options)
+
+
 IMPLS = {
-    "flash": lambda q, k, v, causal: flash_attention(q, k, v, causal=causal, deterministic=False),
-    "flash_det": lambda q, k, v, causal: flash_attention(q, k, v, causal=causal, deterministic=True),
-    "flash_tutorial": lambda q, k, v, causal: flash_attention(q, k, v, causal=causal, deterministic=False,
-                                                              kernel="tutorial"),
-    "flash_hopper": lambda q, k, v, causal: flash_attention(q, k, v, causal=causal, deterministic=False,
-                                                            kernel="hopper"),  # H100, H200 only
+    "flash": flash(deterministic=False),
+    "flash_det": flash(deterministic=True),
+    "flash_tutorial": flash(deterministic=False, kernel="tutorial"),
+    "flash_hopper": flash(deterministic=False, kernel="hopper"),  # H100, H200 only
     "sdpa_efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION),
     "sdpa_math": sdpa(SDPBackend.MATH),
     "naive": naive,
