@@ -1435,12 +1435,12 @@ constexpr int Br = 64 * CONSUMERS;             // query rows of a block
 constexpr int Bc = 64;                         // key rows of a tile
 constexpr int THREADS = 128 * (1 + CONSUMERS); // the producer warpgroup, then the consumers
 constexpr int TILE = 64 * 64;                  // floats of one split part of a tile (no padding)
-constexpr int RAW_STRIDE = d + 4;              // a raw tile's rows, padded as Part II's
 constexpr size_t SMEM = (2 * CONSUMERS + 2 * 4) * TILE * sizeof(float)  // Q per consumer; 2 stages of K, V^T
-                        + 2 * 64 * RAW_STRIDE * sizeof(float)            // raw K_j, V_j
+                        + 2 * fast::TILE * sizeof(float)                 // raw K_j, V_j, as Part II's tiles
                         + 4 * sizeof(uint64_t)                           // mbarriers: full[2], empty[2]
                         + 2 * sizeof(int);                               // nonfinite_v[2]: 226 KB
 static_assert(Bc == 64 && d == 64, "a tile product is 8 wgmma m64n64k8");
+static_assert(fast::THREADS == 128, "the producer warpgroup loads raw tiles as Part II's block does");
 
 #if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)  // the device code: sm_90a only
 
@@ -1543,16 +1543,6 @@ __device__ __forceinline__ void store_split4(float* big, float* small, int r, in
         make_uint4(b[0] & 0xffffe000u, b[1] & 0xffffe000u, b[2] & 0xffffe000u, b[3] & 0xffffe000u);
     *reinterpret_cast<uint4*>(small + at) = make_uint4(s[0], s[1], s[2], s[3]);
 }
-// Start copying rows row0 .. row0 + 63 of src (zeros past N) into a raw tile.
-__device__ __forceinline__ void load_raw_async(float* raw, Rows<const float> src, int row0, int N, int tid) {
-    for (int f = tid; f < 64 * 16; f += 128) {
-        const int r = f / 16, c = f % 16;
-        const bool inside = row0 + r < N;
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
-                     :: "r"(fast::smem_addr(raw + r * RAW_STRIDE + 4 * c)), "l"(src[inside ? row0 + r : 0] + 4 * c),
-                        "r"(inside ? 16 : 0));
-    }
-}
 // Rows row0 .. row0 + 63 of src (zeros past N) as an operand with d as K; each 8 lanes store
 // one core matrix. From global memory (Q_i), or from a raw tile (K_j).
 __device__ __forceinline__ void stage_rows(float* big, float* small, Rows<const float> src, int row0, int N, int tid) {
@@ -1561,12 +1551,6 @@ __device__ __forceinline__ void stage_rows(float* big, float* small, Rows<const 
         const float4 x = row0 + r < N ? *reinterpret_cast<const float4*>(src[row0 + r] + 4 * c)
                                       : make_float4(0.f, 0.f, 0.f, 0.f);
         store_split4(big, small, r, 4 * c, x);
-    }
-}
-__device__ __forceinline__ void split_rows(float* big, float* small, const float* raw, int tid) {
-    for (int f = tid; f < 64 * 16; f += 128) {
-        const int r = 8 * (f / 128) + f % 8, c = f / 8 % 16;
-        store_split4(big, small, r, 4 * c, *reinterpret_cast<const float4*>(raw + r * RAW_STRIDE + 4 * c));
     }
 }
 // P's accumulator fragment holds keys 8s + 2t and 8s + 2t + 1 where wgmma's A fragment has
@@ -1589,11 +1573,10 @@ __device__ __forceinline__ bool split_transposed(float* big, float* small, const
     bool found = false;
     for (int f = tid; f < 64 * 16; f += 128) {
         const int n = f % 64, position = 4 * (f / 64);
-        const float* column = raw + n;
-        const float4 x = make_float4(finite_or_zero(column[key_at(position) * RAW_STRIDE], found),
-                                     finite_or_zero(column[key_at(position + 1) * RAW_STRIDE], found),
-                                     finite_or_zero(column[key_at(position + 2) * RAW_STRIDE], found),
-                                     finite_or_zero(column[key_at(position + 3) * RAW_STRIDE], found));
+        const float4 x = make_float4(finite_or_zero(raw[fast::at(key_at(position), n)], found),
+                                     finite_or_zero(raw[fast::at(key_at(position + 1), n)], found),
+                                     finite_or_zero(raw[fast::at(key_at(position + 2), n)], found),
+                                     finite_or_zero(raw[fast::at(key_at(position + 3), n)], found));
         store_split4(big, small, n, position, x);
     }
     return found;
@@ -1784,8 +1767,8 @@ forward_kernel(Tensor4<const float> q, Tensor4<const float> k, Tensor4<const flo
     extern __shared__ __align__(128) float smem[];
     float* stages = smem + 2 * CONSUMERS * TILE;  // stage s: K_big, K_small, Vt_big, Vt_small
     float* raw_K = stages + 2 * 4 * TILE;
-    float* raw_V = raw_K + 64 * RAW_STRIDE;
-    uint64_t* full = reinterpret_cast<uint64_t*>(raw_V + 64 * RAW_STRIDE);
+    float* raw_V = raw_K + fast::TILE;
+    uint64_t* full = reinterpret_cast<uint64_t*>(raw_V + fast::TILE);
     uint64_t* empty = full + 2;
     int* nonfinite_v = reinterpret_cast<int*>(empty + 2);  // stage s's V held a NaN or Inf
     const int wg = threadIdx.x / 128, tid = threadIdx.x % 128;
@@ -1805,8 +1788,8 @@ forward_kernel(Tensor4<const float> q, Tensor4<const float> k, Tensor4<const flo
 
     if (wg == 0) {  // the producer: line 7 for every key tile, two stages ahead at most
         registers_down<40>();
-        load_raw_async(raw_K, K, 0, Nk, tid);
-        load_raw_async(raw_V, V, 0, Nk, tid);
+        fast::load_tile_async(raw_K, K, 0, Nk);
+        fast::load_tile_async(raw_V, V, 0, Nk);
         fast::cp_async_commit();
         for (int j = 0; j < Tc_block; ++j) {
             const int s = j % 2;
@@ -1814,7 +1797,7 @@ forward_kernel(Tensor4<const float> q, Tensor4<const float> k, Tensor4<const flo
             fast::cp_async_wait_all();
             warpgroup_sync<1>();                      // raw tile j landed, for every producer thread
             mbar_wait(&empty[s], (j / 2 + 1) % 2);    // the consumers are done with tile j - 2
-            split_rows(stage, stage + TILE, raw_K, tid);
+            stage_rows(stage, stage + TILE, Rows<const float>{raw_K, fast::STRIDE}, 0, Bc, tid);
             const bool found = split_transposed(stage + 2 * TILE, stage + 3 * TILE, raw_V, tid);
             const bool any = warpgroup_any<1>(found);
             if (tid == 0) nonfinite_v[s] = any;
@@ -1822,8 +1805,8 @@ forward_kernel(Tensor4<const float> q, Tensor4<const float> k, Tensor4<const flo
             mbar_arrive(&full[s]);
             warpgroup_sync<1>();                      // every producer thread is done with the raw tile
             if (j + 1 < Tc_block) {
-                load_raw_async(raw_K, K, (j + 1) * Bc, Nk, tid);
-                load_raw_async(raw_V, V, (j + 1) * Bc, Nk, tid);
+                fast::load_tile_async(raw_K, K, (j + 1) * Bc, Nk);
+                fast::load_tile_async(raw_V, V, (j + 1) * Bc, Nk);
                 fast::cp_async_commit();
             }
         }
