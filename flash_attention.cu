@@ -1427,7 +1427,8 @@ cudaError_t backward(In dout, In q, In k, In v, In o, const float* L, float* D, 
 //   accumulators stay live through the softmax); the two consumers issuing in turns,
 //   FlashAttention-3's ping-pong (+2%); masks only on the tiles that need them (+0.3%); each
 //   row of K_j and V_j fetched by one cp.async.bulk into an mbarrier (-27%: the copy engine
-//   serves 128 requests of 256 bytes a tile one after another; a bulk copy pays per request).
+//   serves 128 requests of 256 bytes a tile one after another; a bulk copy pays per request);
+//   K_j and V_j as four TMA boxes a tile, swizzled (-8%, H200, 2026-12-07).
 namespace hopper {
 
 constexpr int CONSUMERS = 2;                   // warpgroups computing, 64 query rows each
