@@ -1405,7 +1405,8 @@ cudaError_t backward(In dout, In q, In k, In v, In o, const float* L, float* D, 
 //     0 only loads K_j, V_j (cp.async) and splits them into their big and small TF32 parts
 //     in wgmma's layout, two key tiles ahead at most; warpgroups 1 and 2 (the consumers)
 //     each own 64 query rows and only compute. setmaxnreg moves registers from the
-//     producer (40 a thread) to the consumers (232).
+//     producer (88 a thread) to the consumers (208): enough for the producer's split loops
+//     to unroll, so that its shared-memory loads overlap instead of each waiting its turn.
 //   * mbarriers hand the stages over: full[s] completes when the producer has filled stage
 //     s, empty[s] when both consumers are done with it. A phase of an mbarrier completes
 //     once its expected arrivals have arrived; a waiter names the parity of the phase it
@@ -1416,13 +1417,16 @@ cudaError_t backward(In dout, In q, In k, In v, In o, const float* L, float* D, 
 //     query row of the chain, and 0 * NaN is NaN. The producer stages non-finite values
 //     of V as 0 and flags the stage; a consumer then adds, row by row, P~ times each
 //     non-finite value of the keys its rows see (add_nonfinite_pv), as Part II does.
-// Measured (H100, 2026-12-06, B·H = 16, N = 4096, the forward alone, TFLOP/s of FP32 products;
-// benchmarks/NOTES.md, v12-v15, has the runs):
+// Measured (H100, 2026-12-06 and 07, B·H = 16, N = 4096, the forward alone, TFLOP/s of FP32
+// products; benchmarks/NOTES.md, v12-v15 and v21, has the runs):
 //   1. one warpgroup staging and computing in turn (prototype)     34.3
 //   2. a producer warpgroup, two consumers, mbarriers (prototype)  79.2; with strides and NaN
 //                                                                  containment 69.8, causal 54.4
-//   3. as here: one grid dimension, every head's longest query     75.1, causal 73.9
-//      tiles first (the prototype went head by head)               (Part II: 56.1 and 53.6)
+//   3. one grid dimension, every head's longest query tiles first  75.1, causal 73.9
+//      (the prototype went head by head)                           (Part II: 56.1 and 53.6)
+//   4. as here: the producer's split loops unrolled, 88 registers  89.3, causal 86.6
+//      for it and 208 for the consumers (was 40 and 232, 73.9 and 73.1 in the same run;
+//      the registers alone: 76.3 and 75.6)
 //   Tried and not kept: tile j + 1's S chain issued before tile j's softmax (-18%: its
 //   accumulators stay live through the softmax); the two consumers issuing in turns,
 //   FlashAttention-3's ping-pong (+2%); masks only on the tiles that need them (+0.3%); each
@@ -1547,6 +1551,7 @@ __device__ __forceinline__ void store_split4(float* big, float* small, int r, in
 // Rows row0 .. row0 + 63 of src (zeros past N) as an operand with d as K; each 8 lanes store
 // one core matrix. From global memory (Q_i), or from a raw tile (K_j).
 __device__ __forceinline__ void stage_rows(float* big, float* small, Rows<const float> src, int row0, int N, int tid) {
+#pragma unroll
     for (int f = tid; f < 64 * 16; f += 128) {
         const int r = 8 * (f / 128) + f % 8, c = f / 8 % 16;  // row r, floats 4c .. 4c + 3
         const float4 x = row0 + r < N ? *reinterpret_cast<const float4*>(src[row0 + r] + 4 * c)
@@ -1572,6 +1577,7 @@ __device__ __forceinline__ float finite_or_zero(float x, bool& found) {
 // this thread met one.
 __device__ __forceinline__ bool split_transposed(float* big, float* small, const float* raw, int tid) {
     bool found = false;
+#pragma unroll
     for (int f = tid; f < 64 * 16; f += 128) {
         const int n = f % 64, position = 4 * (f / 64);
         const float4 x = make_float4(finite_or_zero(raw[fast::at(key_at(position), n)], found),
@@ -1788,7 +1794,7 @@ forward_kernel(Tensor4<const float> q, Tensor4<const float> k, Tensor4<const flo
     __syncthreads();
 
     if (wg == 0) {  // the producer: line 7 for every key tile, two stages ahead at most
-        registers_down<40>();
+        registers_down<88>();
         fast::load_tile_async(raw_K, K, 0, Nk);
         fast::load_tile_async(raw_V, V, 0, Nk);
         fast::cp_async_commit();
@@ -1812,7 +1818,7 @@ forward_kernel(Tensor4<const float> q, Tensor4<const float> k, Tensor4<const flo
             }
         }
     } else {  // consumer c: lines 4-15 for its 64 query rows
-        registers_up<232>();  // 128 x 40 + 256 x 232 <= 65536
+        registers_up<208>();  // 128 x 88 + 256 x 208 <= 65536
         const int c = wg - 1, row0 = block_row0 + 64 * c;
         float* Q_big = smem + 2 * c * TILE;
         stage_rows(Q_big, Q_big + TILE, Q, row0, Nq, tid);  // line 4
