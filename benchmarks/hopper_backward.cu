@@ -78,21 +78,16 @@ __device__ __forceinline__ int position_of(int r) {
 
 
 // D (64 x N) = A B^T in 3xTF32 over K = 64 (8 k-steps), the small cross terms first; N = 32
-// (D: 16 floats) or 16 (8 floats). issue_64xN only issues the 24 wgmma (the caller fences,
-// commits and waits); product_64xN waits for them.
+// (D: 16 floats) or 16 (8 floats).
 template <int F>
-__device__ __forceinline__ void issue_64xN(float (&D)[F], const Operand& A, const Operand& B) {
+__device__ __forceinline__ void product_64xN(float (&D)[F], const Operand& A, const Operand& B) {
+    wgmma_fence();
 #pragma unroll
     for (int s = 0; s < 8; ++s) wgmma_ss_n(D, A.small_step(s), B.big_step(s), s > 0);
 #pragma unroll
     for (int s = 0; s < 8; ++s) wgmma_ss_n(D, A.big_step(s), B.small_step(s), 1);
 #pragma unroll
     for (int s = 0; s < 8; ++s) wgmma_ss_n(D, A.big_step(s), B.big_step(s), 1);
-}
-template <int F>
-__device__ __forceinline__ void product_64xN(float (&D)[F], const Operand& A, const Operand& B) {
-    wgmma_fence();
-    issue_64xN(D, A, B);
     wgmma_commit();
     wgmma_wait_all();
 }
@@ -113,21 +108,6 @@ __device__ __forceinline__ void product_from_registers(float (&D)[32], const flo
     for (int s = 0; s < STEPS; ++s) wgmma_rs(D, big[s], B.big_step(s), 1);
     wgmma_commit();
     wgmma_wait_all();
-}
-// D (64 x 64) += X B^T, the same products added to D as they come (version 3), only issued.
-// The A fragments of X are made first, so that X's registers are free once this returns.
-template <int F>
-__device__ __forceinline__ void issue_add_from_registers(float (&D)[32], const float (&X)[F], const Operand& B) {
-    constexpr int STEPS = F / 4;
-    uint32_t big[STEPS][4], small[STEPS][4];
-#pragma unroll
-    for (int s = 0; s < STEPS; ++s) a_from_accumulator(big[s], small[s], X, s);
-#pragma unroll
-    for (int s = 0; s < STEPS; ++s) wgmma_rs(D, small[s], B.big_step(s), 1);
-#pragma unroll
-    for (int s = 0; s < STEPS; ++s) wgmma_rs(D, big[s], B.small_step(s), 1);
-#pragma unroll
-    for (int s = 0; s < STEPS; ++s) wgmma_rs(D, big[s], B.big_step(s), 1);
 }
 
 // X^T into B, an operand with the queries as rows: X is a 64 x queries accumulator
@@ -312,8 +292,7 @@ __device__ __forceinline__ void load_rows_async(float* raw, const float* x, int 
     }
 }
 
-// One block per (key tile j, head bh), as version 1. VERSION 2 or 3 (see the consumer).
-template <int VERSION>
+// One block per (key tile j, head bh), as version 1.
 __global__ void __launch_bounds__(THREADS, 1)
 backward_kernel(const float* q, const float* k, const float* v, const float* dout, const float* L, const float* D,
                 float* dq, float* dk, float* dv, int BH, int Nq, int Nk, float softmax_scale, bool causal) {
@@ -384,10 +363,9 @@ backward_kernel(const float* q, const float* k, const float* v, const float* dou
     const int c = wg - 1;
     const Operand dS_ij{dS_area + 2 * c * QUERY_OPERAND, dS_area + (2 * c + 1) * QUERY_OPERAND, BQ, 64};
     const float scale_log2 = softmax_scale * LOG2E;
-    float dK_j[32], dV_j[32];  // line 7
+    float dK_j[32], dV_j[32], part[32];  // line 7
     for (int e = 0; e < 32; ++e) dK_j[e] = dV_j[e] = 0.f;
-    if constexpr (VERSION == 2) for (int n = c; n < steps; n += 2) {
-        float part[32];
+    for (int n = c; n < steps; n += 2) {
         const int s = n % STAGES, q0 = (first + n) * BQ;
         const Stage x = stage_at(ring + s * STAGE);
         mbar_wait(&full[s], (n / STAGES) % 2);
@@ -419,61 +397,6 @@ backward_kernel(const float* q, const float* k, const float* v, const float* dou
         float dQt[8];
         product_64xN(dQt, Kt_j, dS_ij);
         add_dq(dq, dQt, q0, Nq, softmax_scale);
-    }
-    // Version 3: the same products, three waits a step instead of five, each after more
-    // work is in flight: S^T and dP^T are one group; dV_j and dK_j take their products
-    // directly (no `part`), one group, while dS_ij is stored; step n's dQ^T product runs
-    // on while step n + 1's S^T and dP^T are issued, and its atomics wait for it only then.
-    if constexpr (VERSION == 3) {
-        float dQt[8];
-        int q0_pending = -1;  // the query row of the dQ^T product in flight, if any
-        for (int n = c; n < steps; n += 2) {
-            const int s = n % STAGES, q0 = (first + n) * BQ;
-            const Stage x = stage_at(ring + s * STAGE);
-            mbar_wait(&full[s], (n / STAGES) % 2);
-            float S[8] = {}, dP[8] = {};
-            wgmma_fence();
-            issue_64xN(S, K_j, x.Q);     // lines 10-11: S_ij^T = K_j Q_i^T
-            issue_64xN(dP, V_j, x.dO);   // line 13: dP_ij^T = V_j dO_i^T
-            wgmma_commit();
-            if (q0_pending >= 0) {       // line 15 of the previous step, while these run
-                wgmma_wait_all_but_newest();
-                add_dq(dq, dQt, q0_pending, Nq, softmax_scale);
-            }
-            wgmma_wait_all();
-#pragma unroll
-            for (int nb = 0; nb < 2; ++nb)  // line 14: S becomes P^T, dP becomes dS^T
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int key = j * Bc + 16 * w + g + 8 * (e / 2), col = 8 * nb + 2 * t + e % 2, query = q0 + col;
-                    const bool hidden = query >= Nq || key >= Nk || (causal && key > query);
-                    const float p = hidden ? 0.f : exp2f(S[4 * nb + e] * scale_log2 - x.L[col] * LOG2E);
-                    S[4 * nb + e] = p;
-                    dP[4 * nb + e] = p * (dP[4 * nb + e] - x.D[col]);
-                }
-            wgmma_fence();
-            issue_add_from_registers(dV_j, S, x.dOt);  // line 12: dV_j += P_ij^T dO_i
-            issue_add_from_registers(dK_j, dP, x.Qt);  // line 16: dK_j += dS_ij^T Q_i
-            wgmma_commit();
-            // line 15: dQ_i^T = K_j^T dS_ij^T, dS_ij stored as B while dV_j and dK_j run (the
-            // previous step's dQ^T product, which read dS_ij, was waited for above, by every warp)
-            if (c == 0) warpgroup_sync<2>();
-            else warpgroup_sync<3>();
-            store_transposed(dS_ij, dP);
-            fence_proxy_async();
-            if (c == 0) warpgroup_sync<2>();
-            else warpgroup_sync<3>();
-            wgmma_wait_all();
-            mbar_arrive(&empty[s]);  // the last read of stage s
-            wgmma_fence();
-            issue_64xN(dQt, Kt_j, dS_ij);
-            wgmma_commit();
-            q0_pending = q0;
-        }
-        if (q0_pending >= 0) {
-            wgmma_wait_all();
-            add_dq(dq, dQt, q0_pending, Nq, softmax_scale);
-        }
     }
     // line 18: consumer 1 hands its sums over through the ring (both consumers are past their
     // last reads of it), consumer 0 adds them and writes dK_j (times the scale), dV_j.
@@ -552,7 +475,7 @@ Problem random_problem(int BH, int Nq, int Nk, bool causal, unsigned seed, std::
     return p;
 }
 
-// Runs version 1, 2 or 3 once, then `reps` more times between CUDA events; returns the median
+// Runs version 1 or 2 once, then `reps` more times between CUDA events; returns the median
 // ms and leaves dq, dk, dv in the vectors.
 float run(int version, const Problem& p, std::vector<float>& dq, std::vector<float>& dk, std::vector<float>& dv,
           int reps) {
@@ -567,7 +490,7 @@ float run(int version, const Problem& p, std::vector<float>& dq, std::vector<flo
     CHECK(cudaMemcpy(v, p.v.data(), nk * 4, cudaMemcpyHostToDevice));
     CHECK(cudaMemcpy(L, p.L.data(), p.L.size() * 4, cudaMemcpyHostToDevice));
     CHECK(cudaMemcpy(D, p.D.data(), p.D.size() * 4, cudaMemcpyHostToDevice));
-    const auto kernel = version == 1 ? backward_kernel : version == 2 ? v2::backward_kernel<2> : v2::backward_kernel<3>;
+    const auto kernel = version == 1 ? backward_kernel : v2::backward_kernel;
     const size_t smem = version == 1 ? SMEM : v2::SMEM;
     CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     auto launch = [&] {
@@ -630,7 +553,7 @@ bool check(int version, int BH, int Nq, int Nk, bool causal) {
 int main() {
     if (!runs_wgmma()) return 1;
     bool ok = true;
-    for (int version : {1, 2, 3})
+    for (int version : {1, 2})
         for (bool causal : {false, true}) {
             ok &= check(version, 2, 64, 64, causal);
             ok &= check(version, 2, 100, 37, causal);
@@ -638,7 +561,7 @@ int main() {
             ok &= check(version, 1, 300, 130, causal);
             ok &= check(version, 3, 200, 200, causal);
         }
-    for (int version : {1, 2, 3})
+    for (int version : {1, 2})
         for (bool causal : {false, true}) {
             const Problem p = random_problem(16, 4096, 4096, causal, 7);
             std::vector<float> dq, dk, dv;

@@ -103,10 +103,6 @@ __device__ __forceinline__ uint64_t step_descriptor(const float* tile, Layout la
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
-// Waits for all but the newest committed group.
-__device__ __forceinline__ void wgmma_wait_all_but_newest() {
-    asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
-}
 // Generic-proxy writes to shared memory (st.shared) become visible to wgmma (the async proxy).
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
