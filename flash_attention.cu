@@ -1404,7 +1404,8 @@ cudaError_t backward(In dout, In q, In k, In v, In o, const float* L, float* D, 
 //   * A producer warpgroup. Part II's warps load, split and compute in turn. Here warpgroup
 //     0 only loads K_j, V_j (cp.async) and splits them into their big and small TF32 parts
 //     in wgmma's layout, two key tiles ahead at most; warpgroups 1 and 2 (the consumers)
-//     each own 64 query rows and only compute. setmaxnreg moves registers from the
+//     each own 64 query rows and only compute. Where the grid of such blocks would leave
+//     SMs idle (short rows, few heads), a block has one consumer: twice as many blocks. setmaxnreg moves registers from the
 //     producer (88 a thread) to the consumers (208): enough for the producer's split loops
 //     to unroll, so that its shared-memory loads overlap instead of each waiting its turn.
 //   * mbarriers hand the stages over: full[s] completes when the producer has filled stage
@@ -1424,26 +1425,33 @@ cudaError_t backward(In dout, In q, In k, In v, In o, const float* L, float* D, 
 //                                                                  containment 69.8, causal 54.4
 //   3. one grid dimension, every head's longest query tiles first  75.1, causal 73.9
 //      (the prototype went head by head)                           (Part II: 56.1 and 53.6)
-//   4. as here: the producer's split loops unrolled, 88 registers  89.3, causal 86.6
+//   4. the producer's split loops unrolled, 88 registers           89.3, causal 86.6
 //      for it and 208 for the consumers (was 40 and 232, 73.9 and 73.1 in the same run;
 //      the registers alone: 76.3 and 75.6)
+//   5. as here: blocks of one consumer where they all fit the SMs at once: N = 512 from 30.4
+//      to 38.8, causal 15.9 to 19.7; N = 4096 keeps two consumers (2026-12-07, v24)
 //   Tried and not kept: tile j + 1's S chain issued before tile j's softmax (-18%: its
 //   accumulators stay live through the softmax); the two consumers issuing in turns,
-//   FlashAttention-3's ping-pong (+2%); masks only on the tiles that need them (+0.3%); each
-//   row of K_j and V_j fetched by one cp.async.bulk into an mbarrier (-27%: the copy engine
-//   serves 128 requests of 256 bytes a tile one after another; a bulk copy pays per request);
-//   K_j and V_j as four TMA boxes a tile, swizzled (-8%, H200, 2026-12-07).
+//   FlashAttention-3's ping-pong (+2%, then -0.3% after step 4); masks only on the tiles
+//   that need them (+0.3%); each row of K_j and V_j fetched by one cp.async.bulk into an
+//   mbarrier (-27%: the copy engine serves 128 requests of 256 bytes a tile one after
+//   another; a bulk copy pays per request); K_j and V_j as four TMA boxes a tile, swizzled
+//   (-8%, H200); the producer splitting K_j from global memory rather than from a raw tile
+//   (-43%), V_j too (-72%), or K_j copied by cp.async straight into wgmma's layout (-11%):
+//   the producer then waits on global memory between its splits.
 namespace hopper {
 
-constexpr int CONSUMERS = 2;                   // warpgroups computing, 64 query rows each
-constexpr int Br = 64 * CONSUMERS;             // query rows of a block
+// A block is the producer warpgroup and CONSUMERS consumer warpgroups of 64 query rows each:
+// two where the grid fills the SMs, one for short rows and few heads (see forward()).
 constexpr int Bc = 64;                         // key rows of a tile
-constexpr int THREADS = 128 * (1 + CONSUMERS); // the producer warpgroup, then the consumers
 constexpr int TILE = 64 * 64;                  // floats of one split part of a tile (no padding)
-constexpr size_t SMEM = (2 * CONSUMERS + 2 * 4) * TILE * sizeof(float)  // Q per consumer; 2 stages of K, V^T
-                        + 2 * fast::TILE * sizeof(float)                 // raw K_j, V_j, as Part II's tiles
-                        + 4 * sizeof(uint64_t)                           // mbarriers: full[2], empty[2]
-                        + 2 * sizeof(int);                               // nonfinite_v[2]: 226 KB
+constexpr int threads(int consumers) { return 128 * (1 + consumers); }
+constexpr size_t smem_bytes(int consumers) {
+    return (2 * consumers + 2 * 4) * TILE * sizeof(float)  // Q per consumer; 2 stages of K, V^T
+           + 2 * fast::TILE * sizeof(float)                 // raw K_j, V_j, as Part II's tiles
+           + 4 * sizeof(uint64_t)                           // mbarriers: full[2], empty[2]
+           + 2 * sizeof(int);                               // nonfinite_v[2]: 226 KB with 2 consumers
+}
 static_assert(Bc == 64 && d == 64, "a tile product is 8 wgmma m64n64k8");
 static_assert(fast::THREADS == 128, "the producer warpgroup loads raw tiles as Part II's block does");
 
@@ -1753,24 +1761,28 @@ __device__ __forceinline__ int key_tiles(int row0, int rows, int Nq, int Nk, boo
 #endif  // the device code
 
 // -----------------------------------------------------------------------------
-// Forward: Algorithm 1 with a producer warpgroup and two consumers
+// Forward: Algorithm 1 with a producer warpgroup and one or two consumers
 // -----------------------------------------------------------------------------
-// One block per (query tile i of 128 rows, batch * head), the last query tiles first.
-// Warpgroup 0 stages key tile j into stage j % 2; consumer c computes rows 128i + 64c ..
-// 128i + 64c + 63. full[s]: the stage holds its tile (128 producer arrivals); empty[s]: both
-// consumers are done with it (256). A consumer waits on full[s] and arrives on empty[s] for
-// every tile of the block, its own or not (causal: consumer 0 sees one key tile fewer), so
-// that no arrival runs a phase ahead.
+// One block per (query tile i of Br = 64 * CONSUMERS rows, batch * head), the last query
+// tiles first. Warpgroup 0 stages key tile j into stage j % 2; consumer c computes rows
+// Br i + 64c .. Br i + 64c + 63. full[s]: the stage holds its tile (128 producer arrivals);
+// empty[s]: every consumer is done with it (128 arrivals each). A consumer waits on full[s]
+// and arrives on empty[s] for every tile of the block, its own or not (causal: consumer 0
+// sees one key tile fewer), so that no arrival runs a phase ahead.
 //   line 4  (load Q_i)                 : each consumer stages its 64 rows, split
 //   line 5  (O_i = 0, l_i = 0, m_i = -inf): RowState in registers
 //   line 6  (for j)                    : the producer's loop and, in step, the consumers'
 //   line 7  (load K_j, V_j)            : the producer: cp.async, split into stage j % 2
 //   lines 8-10                         : attend(): wgmma, online softmax, wgmma
 //   lines 12-15 (O_i / l_i, L_i)       : write_rows()
-__global__ void __launch_bounds__(THREADS, 1)
+// Both instantiations are compiled for 384 threads, so that every thread starts at 168
+// registers, the count setmaxnreg moves from.
+template <int CONSUMERS>
+__global__ void __launch_bounds__(threads(2), 1)
 forward_kernel(Tensor4<const float> q, Tensor4<const float> k, Tensor4<const float> v, Tensor4<float> o, float* L,
                int64_t BH, int Nq, int Nk, float softmax_scale, bool causal) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int Br = 64 * CONSUMERS;  // query rows of a block
     extern __shared__ __align__(128) float smem[];
     float* stages = smem + 2 * CONSUMERS * TILE;  // stage s: K_big, K_small, Vt_big, Vt_small
     float* raw_K = stages + 2 * 4 * TILE;
@@ -1863,15 +1875,30 @@ bool available() {
 #endif
 }
 
-cudaError_t forward(In q, In k, In v, Out o, float* L, int64_t BH, int Nq, int Nk, float softmax_scale,
-                    bool causal, cudaStream_t stream) {
-    const int64_t blocks = BH * cdiv(Nq, Br);
+template <int CONSUMERS>
+cudaError_t launch(In q, In k, In v, Out o, float* L, int64_t BH, int Nq, int Nk, float softmax_scale, bool causal,
+                   cudaStream_t stream) {
+    const int64_t blocks = BH * cdiv(Nq, 64 * CONSUMERS);
     if (blocks == 0) return cudaSuccess;
     if (blocks > INT32_MAX) return cudaErrorInvalidConfiguration;
-    const cudaError_t err = fast::allow_shared_memory<forward_kernel, SMEM>();
+    const cudaError_t err = fast::allow_shared_memory<forward_kernel<CONSUMERS>, smem_bytes(CONSUMERS)>();
     if (err != cudaSuccess) return err;
-    forward_kernel<<<(unsigned)blocks, THREADS, SMEM, stream>>>(q, k, v, o, L, BH, Nq, Nk, softmax_scale, causal);
+    forward_kernel<CONSUMERS><<<(unsigned)blocks, threads(CONSUMERS), smem_bytes(CONSUMERS), stream>>>(
+        q, k, v, o, L, BH, Nq, Nk, softmax_scale, causal);
     return cudaGetLastError();
+}
+
+// Blocks of 128 query rows, unless twice as many blocks of 64 still fit the SMs at once (short
+// rows, few heads): then 64, which keeps more SMs busy. A row's arithmetic is the same in
+// both, so the output does not depend on the choice (nor on the GPU's SM count).
+cudaError_t forward(In q, In k, In v, Out o, float* L, int64_t BH, int Nq, int Nk, float softmax_scale,
+                    bool causal, cudaStream_t stream) {
+    int device, sms;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (err != cudaSuccess) return err;
+    return BH * cdiv(Nq, 64) <= sms ? launch<1>(q, k, v, o, L, BH, Nq, Nk, softmax_scale, causal, stream)
+                                    : launch<2>(q, k, v, o, L, BH, Nq, Nk, softmax_scale, causal, stream);
 }
 
 }  // namespace hopper
