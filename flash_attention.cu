@@ -1404,10 +1404,11 @@ cudaError_t backward(In dout, In q, In k, In v, In o, const float* L, float* D, 
 //   * A producer warpgroup. Part II's warps load, split and compute in turn. Here warpgroup
 //     0 only loads K_j, V_j (cp.async) and splits them into their big and small TF32 parts
 //     in wgmma's layout, two key tiles ahead at most; warpgroups 1 and 2 (the consumers)
-//     each own 64 query rows and only compute. Where the grid of such blocks would leave
-//     SMs idle (short rows, few heads), a block has one consumer: twice as many blocks. setmaxnreg moves registers from the
+//     each own 64 query rows and only compute. setmaxnreg moves registers from the
 //     producer (88 a thread) to the consumers (208): enough for the producer's split loops
 //     to unroll, so that its shared-memory loads overlap instead of each waiting its turn.
+//     Where the grid of such blocks would leave SMs idle (short rows, few heads), a block
+//     has one consumer: twice as many blocks, the same bits.
 //   * mbarriers hand the stages over: full[s] completes when the producer has filled stage
 //     s, empty[s] when both consumers are done with it. A phase of an mbarrier completes
 //     once its expected arrivals have arrived; a waiter names the parity of the phase it
