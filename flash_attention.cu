@@ -1410,7 +1410,7 @@ cudaError_t backward(In dout, In q, In k, In v, In o, const float* L, float* D, 
 //     Where the grid of such blocks would leave SMs idle (short rows, few heads), a block
 //     has one consumer: twice as many blocks, the same bits.
 //   * mbarriers hand the stages over: full[s] completes when the producer has filled stage
-//     s, empty[s] when both consumers are done with it. A phase of an mbarrier completes
+//     s, empty[s] when every consumer is done with it. A phase of an mbarrier completes
 //     once its expected arrivals have arrived; a waiter names the parity of the phase it
 //     waits for, so a stage's k-th use waits for parity k % 2.
 //   * The async proxy. wgmma reads shared memory through the "async proxy", which does not
