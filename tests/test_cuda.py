@@ -74,10 +74,11 @@ def test_keys_no_query_sees_get_zero_gradients(kernel):
 
 # The deterministic outputs pinned by their SHA-256s (deterministic_sha256.json). Fast: 4
 # buffers with chains of key tiles (Nk = 1100, 2100 causal, 4000), one chain into dq itself
-# (causal, Nk = 1000), one key tile a buffer (Nk = 250: P = Tc = 4); tutorial: 16 buffers.
+# (causal, Nk = 1000), one key tile a buffer (Nk = 250: P = Tc = 4), two key tiles (Nk = 100:
+# P = 2, a buffer each); tutorial: 16 buffers.
 PINNED = [("fast", 2, 3, 300, 1100, False), ("fast", 2, 3, 1000, 1000, True), ("fast", 2, 3, 777, 2100, True),
-          ("fast", 4, 8, 200, 4000, False), ("fast", 2, 3, 300, 250, False), ("tutorial", 2, 3, 300, 1100, False),
-          ("tutorial", 2, 3, 200, 700, True)]
+          ("fast", 4, 8, 200, 4000, False), ("fast", 2, 3, 300, 250, False), ("fast", 2, 3, 300, 100, False),
+          ("tutorial", 2, 3, 300, 1100, False), ("tutorial", 2, 3, 200, 700, True)]
 PINNED_HASHES = Path(__file__).with_name("deterministic_sha256.json")
 
 
