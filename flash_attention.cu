@@ -1312,11 +1312,12 @@ backward_kernel(Tensor4<const float> q, Tensor4<const float> k, Tensor4<const fl
 // -----------------------------------------------------------------------------
 
 // How many dQ partial buffers the deterministic backward uses: P = min(Tc, DQ_PARTIALS),
-// 1 when causal and Tc <= SINGLE_CHAIN. With P = 1 the buffer is dq itself.
+// 1 when causal and Tc <= SINGLE_CHAIN, or when Tc <= 2 (it runs as the default mode: see
+// backward()). With P = 1 the buffer is dq itself.
 int dq_partials(int Nk, bool causal) {
     if (Nk == 0) return 0;
     const int Tc = cdiv(Nk, Bc);
-    return causal && Tc <= SINGLE_CHAIN ? 1 : std::min(Tc, DQ_PARTIALS);
+    return Tc <= 2 || (causal && Tc <= SINGLE_CHAIN) ? 1 : std::min(Tc, DQ_PARTIALS);
 }
 
 // How many ints the deterministic backward needs: a progress counter per warp of each
@@ -1365,6 +1366,9 @@ cudaError_t backward(In dout, In q, In k, In v, In o, const float* L, float* D, 
     const int Tc = cdiv(Nk, Bc);
     const int P = dq_partials(Nk, causal);
     if (BH * Tc > INT32_MAX) return cudaErrorInvalidConfiguration;
+    // With two key tiles or one, an element of dQ receives at most two additions, onto zero,
+    // and 0 + a + b is 0 + b + a bit for bit: the default mode is deterministic already.
+    if (Tc <= 2) deterministic = false;
     Out zeroed = dq;
     if (deterministic) zeroed.data = nullptr;
     cudaError_t err = tutorial::backward_preprocess(dout, o, D, zeroed, dq_progress,  // lines 3-4

@@ -75,7 +75,7 @@ def test_keys_no_query_sees_get_zero_gradients(kernel):
 # The deterministic outputs pinned by their SHA-256s (deterministic_sha256.json). Fast: 4
 # buffers with chains of key tiles (Nk = 1100, 2100 causal, 4000), one chain into dq itself
 # (causal, Nk = 1000), one key tile a buffer (Nk = 250: P = Tc = 4), two key tiles (Nk = 100:
-# P = 2, a buffer each); tutorial: 16 buffers.
+# the default mode's kernels, pinned with those that summed two buffers); tutorial: 16 buffers.
 PINNED = [("fast", 2, 3, 300, 1100, False), ("fast", 2, 3, 1000, 1000, True), ("fast", 2, 3, 777, 2100, True),
           ("fast", 4, 8, 200, 4000, False), ("fast", 2, 3, 300, 250, False), ("fast", 2, 3, 300, 100, False),
           ("tutorial", 2, 3, 300, 1100, False), ("tutorial", 2, 3, 200, 700, True)]
@@ -153,10 +153,11 @@ def test_fast_deterministic_backward_does_not_depend_on_the_order_blocks_start(c
 
 
 def test_kernels_use_the_documented_number_of_partial_buffers():
-    # README, "Determinism": P = min(ceil(Nk / 64), 4) for the fast kernels, 1 when causal and
-    # Nk <= 1024; the tutorial kernels use the reference's P = min(ceil(Nk / 16), 16).
+    # README, "Determinism": P = min(ceil(Nk / 64), 4) for the fast kernels, 1 when Nk <= 128,
+    # or causal and Nk <= 1024; the tutorial kernels use the reference's P = min(ceil(Nk / 16), 16).
     P = fa._extension().dq_partials
-    assert [P(n, "fast", False) for n in (0, 1, 64, 65, 192, 193, 256, 257, 100000)] == [0, 1, 1, 2, 3, 4, 4, 4, 4]
+    assert [P(n, "fast", False) for n in (0, 1, 64, 65, 128, 129, 192, 193, 256, 257, 100000)] == \
+        [0, 1, 1, 1, 1, 3, 3, 4, 4, 4, 4]
     assert [P(n, "fast", True) for n in (0, 1, 65, 1024, 1025, 100000)] == [0, 1, 1, 1, 4, 4]
     for Nk in (1, 16, 17, 64, 65, 448, 512, 513, 1024, 1025, 100000):
         assert P(Nk, "tutorial", False) == P(Nk, "tutorial", True) == fa.dq_partials(Nk), Nk
@@ -212,15 +213,15 @@ def test_module_trains_on_cuda():
 
 # ---------------------------------------------------------------------------- memory
 
-def _peak_mib(N, deterministic, kernel, H=2):
+def _peak_mib(N, deterministic, kernel, H=2, Nk=None, causal=True):
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
-    q, k, v = random_qkv(1, H, N, N, device="cuda", seed=15, requires_grad=True)
+    q, k, v = random_qkv(1, H, N, Nk or N, device="cuda", seed=15, requires_grad=True)
     dout = torch.randn(1, H, N, 64, device="cuda")
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    flash_attention(q, k, v, causal=True, deterministic=deterministic, kernel=kernel).backward(dout)
+    flash_attention(q, k, v, causal=causal, deterministic=deterministic, kernel=kernel).backward(dout)
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
@@ -237,10 +238,13 @@ def test_memory_grows_linearly_up_to_16384(deterministic, kernel):
     assert large / small <= 4.5  # 4x the length, 4x the memory: linear, not quadratic (16x)
 
 
-def test_fast_causal_deterministic_backward_up_to_1024_keys_needs_no_buffer():
-    # P = 1: dq itself is the buffer; only the progress counters (16 * 4 * B * H ints) are extra.
-    assert fa._extension().dq_partials(1024, "fast", True) == 1
-    extra = _peak_mib(1024, True, "fast", H=8) - _peak_mib(1024, False, "fast", H=8)
+@pytest.mark.parametrize("Nk, causal", [(1024, True), (128, False)])
+def test_fast_deterministic_backward_with_one_buffer_needs_no_extra_memory(Nk, causal):
+    # P = 1 (causal up to 1024 keys; up to 128 keys, two key tiles, either way): dq itself is
+    # the buffer; only the progress counters (16 * 4 * B * H ints at most) are extra.
+    assert fa._extension().dq_partials(Nk, "fast", causal) == 1
+    extra = _peak_mib(1024, True, "fast", H=8, Nk=Nk, causal=causal) - \
+        _peak_mib(1024, False, "fast", H=8, Nk=Nk, causal=causal)
     assert extra < 1.0  # one (1, 8, 1024, 64) float32 buffer would be 2 MiB
 
 

@@ -56,10 +56,12 @@ def test_matches_float64(device, kernel, Nq, Nk, causal, deterministic):
 
 # ---------------------------------------------------------------------------- determinism contract
 
-# CUDA, Nk = 1000 and 1500: the fast kernels, causal, use one buffer (dq itself) and 4 buffers.
+# CUDA, Nk = 1000 and 1500: the fast kernels, causal, use one buffer (dq itself) and 4 buffers;
+# Nk = 128: two key tiles, added atomically, in either order, by 128 heads at once.
 @pytest.mark.parametrize("device,kernel,B,H,Nq,Nk,causal",
                          implementations(grid([(2, 2, 70, 300)], [False, True]),
-                                         grid([(2, 4, 1000, 1000), (2, 4, 1000, 1500)], [False, True])))
+                                         grid([(2, 4, 1000, 1000), (2, 4, 1000, 1500), (8, 16, 300, 128)],
+                                              [False, True])))
 def test_deterministic_repeats_are_bit_identical(device, kernel, B, H, Nq, Nk, causal):
     q, k, v = random_qkv(B, H, Nq, Nk, device=device, seed=8)
     dout = torch.randn(B, H, Nq, 64, device=device)
@@ -74,7 +76,7 @@ def test_deterministic_repeats_are_bit_identical(device, kernel, B, H, Nq, Nk, c
 # not, so Part III's forward takes blocks of 128 query rows for the first and of 64 for the others.
 @pytest.mark.parametrize("device,kernel,Nq,Nk,causal",
                          implementations(grid([(50, 290)], [False, True]),
-                                         grid([(777, 999), (777, 1111)], [False, True])))
+                                         grid([(777, 999), (777, 1111), (777, 100)], [False, True])))
 def test_deterministic_batch_and_head_invariant(device, kernel, Nq, Nk, causal):
     q, k, v = random_qkv(4, 3, Nq, Nk, device=device, seed=9)
     dout = torch.randn(4, 3, Nq, 64, device=device)
