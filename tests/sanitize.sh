@@ -16,11 +16,17 @@ for tool in memcheck racecheck synccheck initcheck; do
     filter=(--kernel-name kns=flash)
     [ "$tool" = initcheck ] && filter=()
     echo "=== compute-sanitizer --tool $tool ${filter[*]}"
-    if ! compute-sanitizer --tool "$tool" --error-exitcode 1 "${filter[@]}" \
-            "$PYTHON" tests/sanitize_workload.py 2>&1 | tail -n 3; then
+    # The last 3 lines of its report; on a failure the last 40, which hold the workload's own error.
+    log=$(mktemp)
+    if compute-sanitizer --tool "$tool" --error-exitcode 1 "${filter[@]}" \
+            "$PYTHON" tests/sanitize_workload.py > "$log" 2>&1; then
+        tail -n 3 "$log"
+    else
+        tail -n 40 "$log"
         echo "=== $tool: FAILED"
         status=1
     fi
+    rm -f "$log"
 done
 [ "$status" -eq 0 ] && echo "=== sanitize.sh: all four tools report no errors"
 exit "$status"
