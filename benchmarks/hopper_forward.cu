@@ -64,9 +64,9 @@ void from_gpu(std::vector<float>& x, Tensor4<float> t, int BH, int N) {
 }
 
 // Runs Part `part` (2: fast, 3: hopper) once, then `reps` more times between CUDA events;
-// returns the median time in ms (0 when reps = 0) and leaves O and L in the vectors.
-int consumers = 0;  // Part III: 1 or 2 forces that block shape, 0 leaves it to forward()
-float run(int part, const Problem& p, std::vector<float>& O, std::vector<float>& Lse, int reps) {
+// returns the median time in ms (0 when reps = 0) and leaves O and L in the vectors. Part III:
+// consumers = 1 or 2 forces that block shape, 0 leaves it to forward().
+float run(int part, const Problem& p, std::vector<float>& O, std::vector<float>& Lse, int reps, int consumers = 0) {
     float *q, *k, *v, *o, *L;
     const size_t nq = (size_t)p.BH * p.Nq * d, nk = (size_t)p.BH * p.Nk * d;
     CHECK(cudaMalloc(&q, nq * 4));
@@ -169,11 +169,8 @@ int main(int argc, char** argv) {
         for (int N : {37, 200, 300}) {
             const Problem p = random_problem(3, N, N + 20, causal, 99 + N);
             std::vector<float> O1, L1, O2, L2;
-            consumers = 1;
-            run(3, p, O1, L1, 0);
-            consumers = 2;
-            run(3, p, O2, L2, 0);
-            consumers = 0;
+            run(3, p, O1, L1, 0, 1);
+            run(3, p, O2, L2, 0, 2);
             const bool same = !memcmp(O1.data(), O2.data(), O1.size() * 4) && !memcmp(L1.data(), L2.data(), L1.size() * 4);
             printf("Part III, 64- and 128-row blocks, BH=3 Nq=%d Nk=%d causal=%d: %s\n", N, N + 20, causal,
                    same ? "bit-identical ok" : "DIFFER");

@@ -241,7 +241,7 @@ def test_memory_grows_linearly_up_to_16384(deterministic, kernel):
 @pytest.mark.parametrize("Nk, causal", [(1024, True), (128, False)])
 def test_fast_deterministic_backward_with_one_buffer_needs_no_extra_memory(Nk, causal):
     # P = 1 (causal up to 1024 keys; up to 128 keys, two key tiles, either way): dq itself is
-    # the buffer; only the progress counters (16 * 4 * B * H ints at most) are extra.
+    # the buffer; only the counters and flags (16 * 5 * B * H ints at most) are extra.
     assert fa._extension().dq_partials(Nk, "fast", causal) == 1
     extra = _peak_mib(1024, True, "fast", H=8, Nk=Nk, causal=causal) - \
         _peak_mib(1024, False, "fast", H=8, Nk=Nk, causal=causal)
