@@ -14,11 +14,12 @@
 //   Part I   The algorithm (kernel="tutorial"): 16 x 16 tiles and plain FP32 FMAs; every
 //            block of code names the line of Algorithm 1 or 2 it implements. Complete on
 //            its own: forward, the D preprocess, backward in both modes, the dQ sum.
-//   Part II  Tensor cores (kernel="fast", the default): the same algorithm and loop order
-//            on 64 x 64 tiles, with mma.sync in FP32 accuracy (3xTF32); it reuses Part I's
-//            D preprocess and dQ sum.
-//   Part III Hopper (kernel="hopper", H100 and H200, compiled for sm_90a): the forward on
-//            warpgroup MMA, fed by a producer warpgroup through mbarriers; Part II's backward.
+//   Part II  Tensor cores (kernel="fast", the default before Hopper): the same algorithm
+//            and loop order on 64 x 64 tiles, with mma.sync in FP32 accuracy (3xTF32); it
+//            reuses Part I's D preprocess and dQ sum.
+//   Part III Hopper (kernel="hopper", the default on H100 and H200, built for sm_90a): the
+//            forward on warpgroup MMA, fed by a producer warpgroup through mbarriers; Part
+//            II's backward.
 //   Then     the dispatch between the parts, and the PyTorch binding.
 //
 // Determinism
@@ -541,7 +542,7 @@ cudaError_t backward(In dout, In q, In k, In v, In o, const float* L, float* D, 
 // tensor cores, 64 x 64 at a time, about 5x faster.
 
 // =============================================================================
-// Part II. Tensor cores: 64 x 64 tiles (kernel="fast", the default)
+// Part II. Tensor cores: 64 x 64 tiles (kernel="fast", the default before Hopper)
 // =============================================================================
 // The same Algorithm 1 and 2, the same loop order and the same determinism contract as
 // Part I; what changes is how a tile product is computed, and how the blocks share the
@@ -1390,7 +1391,7 @@ cudaError_t backward(In dout, In q, In k, In v, In o, const float* L, float* D, 
 }  // namespace fast
 
 // =============================================================================
-// Part III. Hopper: warpgroup MMA and a producer warpgroup (kernel="hopper", sm_90a)
+// Part III. Hopper: warpgroup MMA and a producer warpgroup (kernel="hopper", sm_90a: the H100 default)
 // =============================================================================
 // The forward of Part II, on the instructions that H100 and H200 add; the backward is Part
 // II's (a family meets the whole contract: L is the same, so Part II's backward takes this
@@ -2209,6 +2210,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("L"),
           py::arg("causal"), py::arg("softmax_scale"), py::arg("deterministic"), py::arg("kernel"),
           py::arg("reversed_start") = false);
+    m.def("hopper_available", [](int device) {
+        const c10::cuda::CUDAGuard guard((c10::DeviceIndex)device);
+        return flash::hopper::available();
+    }, "whether kernel=\"hopper\" runs on CUDA device `device`: compute capability 9.0, and these "
+       "kernels built for sm_90a");
     m.def("dq_partials", [](int Nk, const std::string& kernel, bool causal) {
         return flash::dq_partials(Nk, kernel_named(kernel), causal);
     }, "P, the number of dQ partial buffers of the deterministic backward");

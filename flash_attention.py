@@ -38,7 +38,7 @@ HEAD_DIM = 64  # the only head dimension the kernels are built for
 Br = 16  # query rows in a tile of the reference (and of Part I of flash_attention.cu)
 Bc = 16  # key/value rows in a tile
 DQ_PARTIALS = 16  # most dQ partial buffers of the reference's deterministic backward
-KERNELS = ("fast", "tutorial", "hopper")  # the kernel families of flash_attention.cu; the first is the default
+KERNELS = ("fast", "tutorial", "hopper")  # the kernel families of flash_attention.cu (default: _default_kernel)
 
 
 def dq_partials(Nk: int) -> int:
@@ -264,6 +264,20 @@ def _extension():
             module = _compile_extension()
         _extension_module = module
     return _extension_module
+
+
+_DEFAULT_KERNELS: dict[int, str] = {}  # CUDA device index -> the family that kernel=None runs there
+
+
+@torch.compiler.assume_constant_result  # torch.compile calls it while tracing and keeps its answer
+def _default_kernel(device: int) -> str:
+    """The family that kernel=None runs on CUDA device `device`, the fastest there: "hopper"
+    where it runs (compute capability 9.0, the kernels built for sm_90a), else "fast". The
+    first call for a device loads the kernels, which registers the ops' CUDA kernels."""
+    kernel = _DEFAULT_KERNELS.get(device)
+    if kernel is None:
+        kernel = _DEFAULT_KERNELS[device] = "hopper" if _extension().hopper_available(device) else "fast"
+    return kernel
 
 
 def _compile_extension():
@@ -514,11 +528,12 @@ def flash_attention(
         deterministic: None follows torch.are_deterministic_algorithms_enabled(); True makes
             the backward bit-reproducible and batch-invariant (dQ from partial buffers summed
             in a fixed order); False lets dQ use atomicAdd.
-        kernel: which kernel family runs on CUDA tensors: None (the default, "fast"), "fast"
-            (64x64 tiles on the tensor cores, FP32-accurate by 3xTF32), "tutorial" (the 16x16
-            teaching kernels, plain FP32 FMAs) or "hopper" (H100 and H200 only: the forward on
-            warpgroup MMA, the backward of "fast"). Every family meets the same contract. CPU
-            tensors run the PyTorch reference whatever kernel says.
+        kernel: which kernel family runs on CUDA tensors: None (the default: the fastest for
+            the GPU, "hopper" on H100 and H200, "fast" elsewhere), "fast" (64x64 tiles on the
+            tensor cores, FP32-accurate by 3xTF32), "tutorial" (the 16x16 teaching kernels,
+            plain FP32 FMAs) or "hopper" (H100 and H200 only: the forward on warpgroup MMA,
+            the backward of "fast"). Every family meets the same contract; name one to get the
+            same bits on every GPU. CPU tensors run the PyTorch reference whatever kernel says.
 
     Returns:
         The attention output, with q's shape.
@@ -529,17 +544,18 @@ def flash_attention(
         softmax_scale = 1.0 / math.sqrt(HEAD_DIM)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    if kernel is None:
-        kernel = KERNELS[0]
     one_head = q.dim() == 3
     if one_head:
         q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
     if q.is_cuda:
-        if _extension_module is None:
+        if kernel is None:
+            kernel = _default_kernel(q.get_device())
+        elif _extension_module is None:
             _extension()  # registers the CUDA kernels
         out = torch.ops.flash_attention.attention.default(q, k, v, causal, float(softmax_scale), deterministic, kernel)
-    else:
-        out, _ = _FlashAttentionFunction.apply(q, k, v, causal, float(softmax_scale), deterministic, kernel)
+    else:  # the reference, whatever kernel says
+        out, _ = _FlashAttentionFunction.apply(q, k, v, causal, float(softmax_scale), deterministic,
+                                               kernel or KERNELS[0])
     return out.squeeze(1) if one_head else out
 
 

@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4096)
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--deterministic", action="store_true")
-    parser.add_argument("--kernel", choices=KERNELS, default=KERNELS[0])
+    parser.add_argument("--kernel", choices=KERNELS, help="default: kernel=None, the GPU's fastest family")
     parser.add_argument("--sdpa", action="store_true", help="run SDPA's memory-efficient backend instead")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--table", action="store_true", help="print the GPU time of each kernel (torch.profiler)")

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import flash_attention as fa
-from conftest import cuda_kernels, flash_grads, float64_grads, max_err, on_sms, random_qkv, requires_cuda
+from conftest import (HOPPER_GPU, cuda_kernels, flash_grads, float64_grads, max_err, on_sms, random_qkv,
+                      requires_cuda)
 from flash_attention import FlashAttention, flash_attention
 
 pytestmark = requires_cuda
@@ -68,6 +69,19 @@ def test_keys_no_query_sees_get_zero_gradients(kernel):
     q, k, v = random_qkv(1, 2, 20, 70, device="cuda", seed=7)  # causal: keys 20.. are hidden from every query
     _, _, dk, dv = flash_grads(q, k, v, torch.randn(1, 2, 20, 64, device="cuda"), causal=True, kernel=kernel)
     assert torch.count_nonzero(dk[:, :, 20:]) == 0 and torch.count_nonzero(dv[:, :, 20:]) == 0
+
+
+def test_default_kernel_is_the_fastest_family_for_the_gpu():
+    # kernel=None: "hopper" on compute capability 9.0 (the build targets the GPU it finds, so
+    # with sm_90a there), "fast" elsewhere; the same bits as that family named.
+    expected = "hopper" if HOPPER_GPU else "fast"
+    assert fa._extension().hopper_available(torch.cuda.current_device()) == HOPPER_GPU
+    assert fa._default_kernel(torch.cuda.current_device()) == expected
+    q, k, v = random_qkv(2, 3, 300, 200, device="cuda", seed=16)
+    dout = torch.randn(2, 3, 300, 64, device="cuda")
+    default = flash_grads(q, k, v, dout, causal=True, deterministic=True)
+    named = flash_grads(q, k, v, dout, causal=True, deterministic=True, kernel=expected)
+    assert all(torch.equal(a, b) for a, b in zip(default, named))
 
 
 # ---------------------------------------------------------------------------- determinism contract
@@ -189,6 +203,7 @@ def test_forward_is_batch_invariant_in_default_mode():
 @pytest.mark.parametrize("causal", [False, True])
 def test_torch_compile_fullgraph(causal):
     torch._dynamo.reset()
+    fa._DEFAULT_KERNELS.clear()  # kernel=None's family is then found while tracing
     q, k, v = random_qkv(2, 2, 300, 200, device="cuda", seed=12, requires_grad=True)
     w = torch.randn(64, 64, device="cuda")
 
