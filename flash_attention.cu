@@ -1187,13 +1187,14 @@ __device__ __forceinline__ void write_dk_dv(Rows<float> dK, Rows<float> dV, cons
     }
 }
 
-// Lines 6-18 for key tile j of head bh, tile = j * BH + bh: the work of one block.
+// Lines 6-18 for key tile j of head bh, tile = j * BH + bh: the work of one block. Chained
+// (deterministic, key tile j - P shares the buffer): it writes each query tile in its turn.
 __device__ __forceinline__ void backward_key_tile(
         Tensor4<const float> q, Tensor4<const float> k, Tensor4<const float> v, Tensor4<const float> dout,
         const float* __restrict__ L, const float* __restrict__ D, Tensor4<float> dq,
         float* __restrict__ dQ_partial, int* __restrict__ dQ_progress, Tensor4<float> dk, Tensor4<float> dv,
-        int64_t BH, int Nq, int Nk, int P, float softmax_scale, bool causal, bool deterministic, float* smem,
-        int tile) {
+        int64_t BH, int Nq, int Nk, int P, float softmax_scale, bool causal, bool deterministic, bool chained,
+        float* smem, int tile) {
     const BackwardTiles tiles{smem, smem + TILE, smem + 2 * TILE, smem + 3 * TILE, smem + 4 * TILE,
                               smem + 5 * TILE, smem + 5 * TILE + Br};
     const int Tr = cdiv(Nq, Br);
@@ -1203,8 +1204,8 @@ __device__ __forceinline__ void backward_key_tile(
     L += bh * Nq;
     D += bh * Nq;
     const Rows<float> dQ_out = dq_buffer(dq, dQ_partial, deterministic ? j % P : 0, bh, BH, Nq);
-    WriteOrder order;                               // deterministic: this warp's counter, tile j - P's
-    if (deterministic) {
+    WriteOrder order;                               // chained: this warp's counter, tile j - P's
+    if (chained) {
         order.mine = dQ_progress + (int64_t)tile * WARPS + threadIdx.x / 32;
         if (j >= P) order.previous = order.mine - P * BH * WARPS;
     }
@@ -1251,7 +1252,7 @@ __device__ __forceinline__ void backward_key_tile(
         if (causal && i == j) step(i, n, Diagonal());
         else step(i, n, Interior());
     }
-    if (deterministic) {                            // every query tile is written
+    if (chained) {                                  // every query tile is written
         __syncwarp();
         order.written(Tr);
     }
@@ -1280,10 +1281,12 @@ __device__ int take_tiles(int* taken, int tile, int stride) {
 }
 
 // One block per (key tile j, batch * head): tile j * BH + bh, computed by block
-// j * BH + bh (deterministic mode: see take_tiles). reversed_start (for the tests only):
-// block b takes tile gridDim.x - 1 - b, as if the GPU started the blocks in reverse order.
-// A kernel per mode, so that the default mode's has neither the flags nor the loop.
-template <bool deterministic>
+// j * BH + bh (deterministic mode with chains: see take_tiles). reversed_start (for the
+// tests only): block b takes tile gridDim.x - 1 - b, as if the GPU started the blocks in
+// reverse order. A kernel per mode, so that the default mode's has neither the flags nor the
+// loop, and the deterministic mode's without chains (a buffer per key tile) neither the
+// flags nor the counters.
+template <bool deterministic, bool chained>
 __global__ void __launch_bounds__(THREADS)
 backward_kernel(Tensor4<const float> q, Tensor4<const float> k, Tensor4<const float> v,
                 Tensor4<const float> dout, const float* __restrict__ L, const float* __restrict__ D,
@@ -1296,14 +1299,14 @@ backward_kernel(Tensor4<const float> q, Tensor4<const float> k, Tensor4<const fl
     // memory: a tile's work leaves no register free to hold it (it spilled).
     __shared__ int last;
     const int tile = reversed_start ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
-    if (deterministic && threadIdx.x == 0) last = tile;
+    if (chained && threadIdx.x == 0) last = tile;
     const int stride = P * (int)BH;                 // tile - stride: the previous tile of its buffer
-    const int first = deterministic ? take_tiles(dQ_taken, tile, stride) : tile;  // take_tiles syncs
+    const int first = chained ? take_tiles(dQ_taken, tile, stride) : tile;  // take_tiles syncs
     if (first < 0) return;
     for (int t = first;; t += stride) {             // first, first + stride, ..., tile
         backward_key_tile(q, k, v, dout, L, D, dq, dQ_partial, dQ_progress, dk, dv, BH, Nq, Nk, P,
-                          softmax_scale, causal, deterministic, smem, t);
-        if (t == (deterministic ? last : tile)) break;
+                          softmax_scale, causal, deterministic, chained, smem, t);
+        if (t == (chained ? last : tile)) break;
         __syncthreads();                            // all warps are done with this tile's shared memory
     }
 }
@@ -1321,9 +1324,19 @@ int dq_partials(int Nk, bool causal) {
     return Tc <= 2 || (causal && Tc <= SINGLE_CHAIN) ? 1 : std::min(Tc, DQ_PARTIALS);
 }
 
-// How many ints the deterministic backward needs: a progress counter per warp of each
-// tile, then a flag per tile (taken by a block): Tc * BH * (4 + 1).
-int64_t dq_progress_ints(int64_t BH, int Nk) { return cdiv(Nk, Bc) * BH * (WARPS + 1); }
+// Whether key tiles of the deterministic backward wait for one another: where a buffer
+// receives more than one key tile (Tc > P), and not with two key tiles or fewer (the default
+// mode then, see backward()). With Tc <= P each key tile stores into a buffer of its own.
+bool waits(int Nk, bool causal) {
+    const int Tc = cdiv(Nk, Bc);
+    return Tc > 2 && Tc > dq_partials(Nk, causal);
+}
+
+// How many ints the deterministic backward needs: where key tiles wait, a counter per warp
+// of each tile, then a flag per tile (taken by a block): Tc * BH * (4 + 1); else none.
+int64_t dq_progress_ints(int64_t BH, int Nk, bool causal) {
+    return waits(Nk, causal) ? cdiv(Nk, Bc) * BH * (WARPS + 1) : 0;
+}
 
 constexpr size_t FORWARD_SMEM = 5 * TILE * sizeof(float);              // Q_i; K_j, V_j twice: 85 KB
 constexpr size_t BACKWARD_SMEM = (5 * TILE + 2 * Br) * sizeof(float);  // K_j, V_j, dS_ij, Q_i, dO_i; L_i, D_i: 85.5 KB
@@ -1357,9 +1370,9 @@ cudaError_t forward(In q, In k, In v, Out o, float* L, int64_t BH, int Nq, int N
 
 // Default mode: the preprocess zeroes dq, and the kernel adds into it. Deterministic mode: dq
 // is partial buffer 0, dq_partial holds buffers 1 .. P-1 ((P - 1) * BH * Nq * d floats,
-// P = dq_partials(Nk, causal); unused when P = 1), and dq_progress dq_progress_ints(BH, Nk)
-// ints (zeroed by the preprocess). reversed_start, for the tests: the blocks take their tiles as if the
-// GPU started them in reverse order.
+// P = dq_partials(Nk, causal); unused when P = 1), and dq_progress dq_progress_ints(BH, Nk,
+// causal) ints (zeroed by the preprocess; none, and unused, unless waits()). reversed_start,
+// for the tests: the blocks take their tiles as if the GPU started them in reverse order.
 cudaError_t backward(In dout, In q, In k, In v, In o, const float* L, float* D, Out dq, float* dq_partial,
                      int* dq_progress, Out dk, Out dv, int64_t BH, int Nq, int Nk, float softmax_scale,
                      bool causal, bool deterministic, bool reversed_start, cudaStream_t stream) {
@@ -1372,14 +1385,17 @@ cudaError_t backward(In dout, In q, In k, In v, In o, const float* L, float* D, 
     if (Tc <= 2) deterministic = false;
     Out zeroed = dq;
     if (deterministic) zeroed.data = nullptr;
+    const bool chained = deterministic && waits(Nk, causal);
     cudaError_t err = tutorial::backward_preprocess(dout, o, D, zeroed, dq_progress,  // lines 3-4
-                                                    deterministic ? dq_progress_ints(BH, Nk) : 0, BH, Nq, stream);
+                                                    chained ? dq_progress_ints(BH, Nk, causal) : 0, BH, Nq, stream);
     if (err != cudaSuccess) return err;
-    const auto kernel = deterministic ? backward_kernel<true> : backward_kernel<false>;
-    err = deterministic ? allow_shared_memory<backward_kernel<true>, BACKWARD_SMEM>()
-                        : allow_shared_memory<backward_kernel<false>, BACKWARD_SMEM>();
+    const auto kernel = chained ? backward_kernel<true, true>
+                      : deterministic ? backward_kernel<true, false> : backward_kernel<false, false>;
+    err = chained ? allow_shared_memory<backward_kernel<true, true>, BACKWARD_SMEM>()
+        : deterministic ? allow_shared_memory<backward_kernel<true, false>, BACKWARD_SMEM>()
+                        : allow_shared_memory<backward_kernel<false, false>, BACKWARD_SMEM>();
     if (err != cudaSuccess) return err;
-    int* dq_taken = deterministic ? dq_progress + BH * Tc * WARPS : nullptr;
+    int* dq_taken = chained ? dq_progress + BH * Tc * WARPS : nullptr;
     kernel<<<(unsigned)(BH * Tc), THREADS, BACKWARD_SMEM, stream>>>(
         q, k, v, dout, L, D, dq, dq_partial, dq_progress, dq_taken, dk, dv, BH, Nq, Nk, P,
         softmax_scale, causal, reversed_start);
@@ -1922,8 +1938,8 @@ int dq_partials(int Nk, Kernel kernel, bool causal) {
 }
 
 // How many ints the deterministic backward needs besides the buffers (Part I: none).
-int64_t dq_progress_ints(int64_t BH, int Nk, Kernel kernel) {
-    return kernel == Kernel::tutorial ? 0 : fast::dq_progress_ints(BH, Nk);
+int64_t dq_progress_ints(int64_t BH, int Nk, Kernel kernel, bool causal) {
+    return kernel == Kernel::tutorial ? 0 : fast::dq_progress_ints(BH, Nk, causal);
 }
 
 cudaError_t forward(In q, In k, In v, Out o, float* L, int64_t BH, int Nq, int Nk, float softmax_scale,
@@ -1935,7 +1951,7 @@ cudaError_t forward(In q, In k, In v, Out o, float* L, int64_t BH, int Nq, int N
     }
 }
 
-// dq_progress: dq_progress_ints(BH, Nk, kernel) ints; reversed_start: see fast::backward.
+// dq_progress: dq_progress_ints(BH, Nk, kernel, causal) ints; reversed_start: see fast::backward.
 cudaError_t backward(In dout, In q, In k, In v, In o, const float* L, float* D, Out dq, float* dq_partial,
                      int* dq_progress, Out dk, Out dv, int64_t BH, int Nq, int Nk, float softmax_scale,
                      bool causal, bool deterministic, Kernel kernel, cudaStream_t stream,
@@ -2076,7 +2092,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     if (deterministic) {
         const int P = flash::dq_partials(Nk, which, causal);
         dq_partial = at::empty({std::max(P - 1, 0) * dq.numel()}, q.options());  // P = 0 if Nk = 0
-        dq_progress = at::empty({flash::dq_progress_ints(BH, Nk, which)}, q.options().dtype(at::kInt));
+        dq_progress = at::empty({flash::dq_progress_ints(BH, Nk, which, causal)}, q.options().dtype(at::kInt));
     }
     C10_CUDA_CHECK(flash::backward(
         strided<const float>(readable(dout)), strided<const float>(readable(q)), strided<const float>(readable(k)),

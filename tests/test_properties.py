@@ -57,10 +57,12 @@ def test_matches_float64(device, kernel, Nq, Nk, causal, deterministic):
 # ---------------------------------------------------------------------------- determinism contract
 
 # CUDA, Nk = 1000 and 1500: the fast kernels, causal, use one buffer (dq itself) and 4 buffers;
-# Nk = 128: two key tiles, added atomically, in either order, by 128 heads at once.
+# Nk = 128: two key tiles, added atomically, in either order, by 128 heads at once; Nk = 256,
+# non-causal: a buffer per key tile, stored with no counters (causal: one chain into dq).
 @pytest.mark.parametrize("device,kernel,B,H,Nq,Nk,causal",
                          implementations(grid([(2, 2, 70, 300)], [False, True]),
-                                         grid([(2, 4, 1000, 1000), (2, 4, 1000, 1500), (8, 16, 300, 128)],
+                                         grid([(2, 4, 1000, 1000), (2, 4, 1000, 1500), (8, 16, 300, 128),
+                                               (8, 16, 300, 256)],
                                               [False, True])))
 def test_deterministic_repeats_are_bit_identical(device, kernel, B, H, Nq, Nk, causal):
     q, k, v = random_qkv(B, H, Nq, Nk, device=device, seed=8)
