@@ -1315,21 +1315,26 @@ backward_kernel(Tensor4<const float> q, Tensor4<const float> k, Tensor4<const fl
 // Launchers
 // -----------------------------------------------------------------------------
 
+// With two key tiles or one, an element of dQ receives at most two additions, onto zero,
+// and 0 + a + b is 0 + b + a bit for bit: the default mode is deterministic already, and
+// the deterministic mode runs it (backward()).
+bool default_is_deterministic(int Tc) { return Tc <= 2; }
+
 // How many dQ partial buffers the deterministic backward uses: P = min(Tc, DQ_PARTIALS),
-// 1 when causal and Tc <= SINGLE_CHAIN, or when Tc <= 2 (it runs as the default mode: see
-// backward()). With P = 1 the buffer is dq itself.
+// 1 when causal and Tc <= SINGLE_CHAIN, or when the default mode runs (Tc <= 2). With
+// P = 1 the buffer is dq itself.
 int dq_partials(int Nk, bool causal) {
     if (Nk == 0) return 0;
     const int Tc = cdiv(Nk, Bc);
-    return Tc <= 2 || (causal && Tc <= SINGLE_CHAIN) ? 1 : std::min(Tc, DQ_PARTIALS);
+    return default_is_deterministic(Tc) || (causal && Tc <= SINGLE_CHAIN) ? 1 : std::min(Tc, DQ_PARTIALS);
 }
 
 // Whether key tiles of the deterministic backward wait for one another: where a buffer
-// receives more than one key tile (Tc > P), and not with two key tiles or fewer (the default
-// mode then, see backward()). With Tc <= P each key tile stores into a buffer of its own.
+// receives more than one key tile (Tc > P), and not where the default mode runs. With
+// Tc <= P each key tile stores into a buffer of its own.
 bool waits(int Nk, bool causal) {
     const int Tc = cdiv(Nk, Bc);
-    return Tc > 2 && Tc > dq_partials(Nk, causal);
+    return !default_is_deterministic(Tc) && Tc > dq_partials(Nk, causal);
 }
 
 // How many ints the deterministic backward needs: where key tiles wait, a counter per warp
@@ -1380,9 +1385,7 @@ cudaError_t backward(In dout, In q, In k, In v, In o, const float* L, float* D, 
     const int Tc = cdiv(Nk, Bc);
     const int P = dq_partials(Nk, causal);
     if (BH * Tc > INT32_MAX) return cudaErrorInvalidConfiguration;
-    // With two key tiles or one, an element of dQ receives at most two additions, onto zero,
-    // and 0 + a + b is 0 + b + a bit for bit: the default mode is deterministic already.
-    if (Tc <= 2) deterministic = false;
+    if (default_is_deterministic(Tc)) deterministic = false;
     Out zeroed = dq;
     if (deterministic) zeroed.data = nullptr;
     const bool chained = deterministic && waits(Nk, causal);
@@ -1407,7 +1410,7 @@ cudaError_t backward(In dout, In q, In k, In v, In o, const float* L, float* D, 
 }  // namespace fast
 
 // =============================================================================
-// Part III. Hopper: warpgroup MMA and a producer warpgroup (kernel="hopper", sm_90a: the H100 default)
+// Part III. Hopper: warpgroup MMA and a producer warpgroup (kernel="hopper", sm_90a; the default on H100 and H200)
 // =============================================================================
 // The forward of Part II, on the instructions that H100 and H200 add; the backward is Part
 // II's (a family meets the whole contract: L is the same, so Part II's backward takes this
