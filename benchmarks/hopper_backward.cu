@@ -11,10 +11,10 @@
 // (wgmma's M is 64 at least, so dQ_i, 32 rows, is computed transposed.) P^T's accumulator
 // fragment holds queries 8s + 2t and 8s + 2t + 1 where the A fragment has k = t and t + 4,
 // so Q_i^T and dO_i^T keep their queries in that order, as the forward keeps V^T's keys.
-// dQ is added with atomics (the default mode). Version 2 (below, compiled, not yet run) adds
+// dQ is added with atomics (the default mode). Version 2 (below; measured: 31 TFLOP/s) adds
 // a producer warpgroup and two consumers, in 16-query steps. Both are checked against
-// float64 on the CPU, then timed at B*H = 16, N = 4096. Finite inputs only: NaN containment
-// is for a later version.
+// float64 on the CPU, then timed at B*H = 16, N = 4096 (version 2 also with each of its roles
+// alone: v2::Work). Finite inputs only: NaN containment is for a later version.
 //   nvcc -gencode arch=compute_90a,code=sm_90a -O3 -o /tmp/hopper_backward benchmarks/hopper_backward.cu && timeout 60 /tmp/hopper_backward
 #include <algorithm>
 #include <cmath>
@@ -292,7 +292,13 @@ __device__ __forceinline__ void load_rows_async(float* raw, const float* x, int 
     }
 }
 
+// What a launch does, for timing the two roles apart: ALL is the backward; PRODUCER_ALONE
+// stages every step while the consumers only hand the stages back; CONSUMERS_ALONE computes
+// on stages that the producer hands over without loading or staging them (wrong results).
+enum Work { ALL, PRODUCER_ALONE, CONSUMERS_ALONE };
+
 // One block per (key tile j, head bh), as version 1.
+template <Work work = ALL>
 __global__ void __launch_bounds__(THREADS, 1)
 backward_kernel(const float* q, const float* k, const float* v, const float* dout, const float* L, const float* D,
                 float* dq, float* dk, float* dv, int BH, int Nq, int Nk, float softmax_scale, bool causal) {
@@ -326,7 +332,7 @@ backward_kernel(const float* q, const float* k, const float* v, const float* dou
 
     if (wg == 0) {  // the producer: line 9 for every step, STAGES steps ahead at most
         flash::hopper::registers_down<40>();
-        if (steps > 0) {
+        if (work != CONSUMERS_ALONE && steps > 0) {
             load_rows_async(raw_Q, q, first * BQ, Nq, tid);
             load_rows_async(raw_dO, dout, first * BQ, Nq, tid);
             flash::fast::cp_async_commit();
@@ -337,20 +343,22 @@ backward_kernel(const float* q, const float* k, const float* v, const float* dou
             flash::fast::cp_async_wait_all();
             warpgroup_sync<1>();                           // the raw rows of step n landed
             mbar_wait(&empty[s], (n / STAGES + 1) % 2);    // step n - STAGES is done with stage s
-            for (int f = tid; f < BQ * d; f += 128) {      // Q_i, dO_i; Q_i^T, dO_i^T in position_of order
-                const int r = f / d, c = f % d;
-                const float a = raw_Q[r * RAW_STRIDE + c], b = raw_dO[r * RAW_STRIDE + c];
-                x.Q.store(r, c, a);
-                x.dO.store(r, c, b);
-                x.Qt.store(c, position_of(r), a);
-                x.dOt.store(c, position_of(r), b);
+            if (work != CONSUMERS_ALONE) {
+                for (int f = tid; f < BQ * d; f += 128) {  // Q_i, dO_i; Q_i^T, dO_i^T in position_of order
+                    const int r = f / d, c = f % d;
+                    const float a = raw_Q[r * RAW_STRIDE + c], b = raw_dO[r * RAW_STRIDE + c];
+                    x.Q.store(r, c, a);
+                    x.dO.store(r, c, b);
+                    x.Qt.store(c, position_of(r), a);
+                    x.dOt.store(c, position_of(r), b);
+                }
+                if (tid < BQ) x.L[tid] = q0 + tid < Nq ? L[q0 + tid] : 0.f;
+                else if (tid < 2 * BQ) x.D[tid - BQ] = q0 + tid - BQ < Nq ? D[q0 + tid - BQ] : 0.f;
+                fence_proxy_async();
             }
-            if (tid < BQ) x.L[tid] = q0 + tid < Nq ? L[q0 + tid] : 0.f;
-            else if (tid < 2 * BQ) x.D[tid - BQ] = q0 + tid - BQ < Nq ? D[q0 + tid - BQ] : 0.f;
-            fence_proxy_async();
             mbar_arrive(&full[s]);
             warpgroup_sync<1>();                           // every producer thread is done with the raw rows
-            if (n + 1 < steps) {
+            if (work != CONSUMERS_ALONE && n + 1 < steps) {
                 load_rows_async(raw_Q, q, q0 + BQ, Nq, tid);
                 load_rows_async(raw_dO, dout, q0 + BQ, Nq, tid);
                 flash::fast::cp_async_commit();
@@ -369,6 +377,10 @@ backward_kernel(const float* q, const float* k, const float* v, const float* dou
         const int s = n % STAGES, q0 = (first + n) * BQ;
         const Stage x = stage_at(ring + s * STAGE);
         mbar_wait(&full[s], (n / STAGES) % 2);
+        if (work == PRODUCER_ALONE) {
+            mbar_arrive(&empty[s]);
+            continue;
+        }
         float S[8] = {}, dP[8] = {};  // zeros: ptxas otherwise breaks the chain with a wait (C7517)
         product_64xN(S, K_j, x.Q);     // lines 10-11: S_ij^T = K_j Q_i^T
         product_64xN(dP, V_j, x.dO);   // line 13: dP_ij^T = V_j dO_i^T
@@ -476,9 +488,9 @@ Problem random_problem(int BH, int Nq, int Nk, bool causal, unsigned seed, std::
 }
 
 // Runs version 1 or 2 once, then `reps` more times between CUDA events; returns the median
-// ms and leaves dq, dk, dv in the vectors.
+// ms and leaves dq, dk, dv in the vectors. `work` picks version 2's roles (v2::Work).
 float run(int version, const Problem& p, std::vector<float>& dq, std::vector<float>& dk, std::vector<float>& dv,
-          int reps) {
+          int reps, v2::Work work = v2::ALL) {
     const size_t nq = (size_t)p.BH * p.Nq * d, nk = (size_t)p.BH * p.Nk * d;
     float *q, *k, *v, *dout, *L, *D, *gq, *gk, *gv;
     for (auto [ptr, n] : {std::pair{&q, nq}, {&dout, nq}, {&gq, nq}, {&k, nk}, {&v, nk}, {&gk, nk}, {&gv, nk},
@@ -490,7 +502,10 @@ float run(int version, const Problem& p, std::vector<float>& dq, std::vector<flo
     CHECK(cudaMemcpy(v, p.v.data(), nk * 4, cudaMemcpyHostToDevice));
     CHECK(cudaMemcpy(L, p.L.data(), p.L.size() * 4, cudaMemcpyHostToDevice));
     CHECK(cudaMemcpy(D, p.D.data(), p.D.size() * 4, cudaMemcpyHostToDevice));
-    const auto kernel = version == 1 ? backward_kernel : v2::backward_kernel;
+    const auto kernel = version == 1                   ? backward_kernel
+                        : work == v2::PRODUCER_ALONE   ? v2::backward_kernel<v2::PRODUCER_ALONE>
+                        : work == v2::CONSUMERS_ALONE  ? v2::backward_kernel<v2::CONSUMERS_ALONE>
+                                                       : v2::backward_kernel<v2::ALL>;
     const size_t smem = version == 1 ? SMEM : v2::SMEM;
     CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     auto launch = [&] {
@@ -569,6 +584,9 @@ int main() {
             const double flop = 2.5 * 4.0 * 16 * 4096.0 * 4096.0 * d / (causal ? 2 : 1);
             printf("version %d, B*H=16, N=4096, causal=%d: %.3f ms, %.1f TFLOP/s\n", version, causal, ms,
                    flop / ms / 1e9);
+            if (version == 2)
+                printf("  its producer alone %.3f ms, its consumers alone %.3f ms\n",
+                       run(2, p, dq, dk, dv, 10, v2::PRODUCER_ALONE), run(2, p, dq, dk, dv, 10, v2::CONSUMERS_ALONE));
         }
     return ok ? 0 : 1;
 }
