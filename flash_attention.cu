@@ -1410,11 +1410,11 @@ cudaError_t backward(In dout, In q, In k, In v, In o, const float* L, float* D, 
 }  // namespace fast
 
 // =============================================================================
-// Part III. Hopper: warpgroup MMA and a producer warpgroup (kernel="hopper", sm_90a; the default on H100 and H200)
+// Part III. Hopper: warpgroup MMA and a producer warpgroup (kernel="hopper", sm_90a)
 // =============================================================================
-// The forward of Part II, on the instructions that H100 and H200 add; the backward is Part
-// II's (a family meets the whole contract: L is the same, so Part II's backward takes this
-// forward's O and L). What changes, and why:
+// The default on H100 and H200. The forward of Part II, on the instructions that these GPUs
+// add; the backward is Part II's (a family meets the whole contract: L is the same, so Part
+// II's backward takes this forward's O and L). What changes, and why:
 //   * Warpgroup MMA. wgmma.mma_async multiplies a 64 x 64 tile with 4 warps (a
 //     "warpgroup") in one instruction, reads both operands from shared memory (or A from
 //     registers) and runs asynchronously: the warps go on until wgmma.wait_group. mma.sync
