@@ -13,9 +13,10 @@
 // so Q_i^T and dO_i^T keep their queries in that order, as the forward keeps V^T's keys.
 // dQ is added with atomics (the default mode). Version 2 (below; measured: 31 TFLOP/s) adds
 // a producer warpgroup and two consumers, in 16-query steps. Version 4 (compiled, not yet
-// run) keeps the key tile in the consumers' registers, one consumer per role. All are checked
-// against float64 on the CPU, then timed at B*H = 16, N = 4096 (version 2 also with each of
-// its roles alone: v2::Work). Finite inputs only: NaN containment is for a later version.
+// run) keeps the key tile in the consumers' registers, one consumer per role; version 5 also
+// stages each step without bank conflicts. All are checked against float64 on the CPU, then
+// timed at B*H = 16, N = 4096 (version 2 also with each of its roles alone: v2::Work).
+// Finite inputs only: NaN containment is for a later version.
 //   nvcc -gencode arch=compute_90a,code=sm_90a -O3 -o /tmp/hopper_backward benchmarks/hopper_backward.cu && timeout 60 /tmp/hopper_backward
 #include <algorithm>
 #include <cmath>
@@ -550,7 +551,45 @@ __device__ __forceinline__ void write_key_rows(float* out, const float (&X)[32],
         }
 }
 
-// One block per (key tile j, head bh), as versions 1 and 2.
+// Which query of a step sits at K position p of Q_i^T, dO_i^T (the inverse of position_of).
+__device__ __forceinline__ int query_at(int p) {
+    const int u = p % 8;
+    return (p & ~7) | (u < 4 ? 2 * u : 2 * (u - 4) + 1);
+}
+// Line 9 into a stage: raw (BQ rows of d, RAW_STRIDE apart) as X (rows = queries, K = d)
+// and X^T (rows = d, K = queries in position_of order), split. Version 2's loop walks the
+// source, so a warp's stores land 64 or 32 floats apart: 4- and 8-way bank conflicts, about
+// 1,500 store wavefronts a step. This one walks the destination, four floats a thread:
+// every store is a whole 16-byte vector of consecutive floats, and the loads from the
+// padded raw rows are conflict-free too. Thread tid of the producer's 128.
+__device__ __forceinline__ void stage_operands(const Operand& X, const Operand& Xt, const float* raw, int tid) {
+    for (int v = tid; v < BQ * d / 4; v += 128) {
+        // X: floats 4v .. 4v + 3 are (r, k0 .. k0 + 3), r = v % 16, k0 = 4 (v / 16) (kgroup_major)
+        const float4 x = *reinterpret_cast<const float4*>(raw + (v % BQ) * RAW_STRIDE + 4 * (v / BQ));
+        // X^T: floats 4v .. 4v + 3 are (r, 4g .. 4g + 3), r = v % 64, g = v / 64
+        const float4 y = make_float4(raw[query_at(4 * (v / d)) * RAW_STRIDE + v % d],
+                                     raw[query_at(4 * (v / d) + 1) * RAW_STRIDE + v % d],
+                                     raw[query_at(4 * (v / d) + 2) * RAW_STRIDE + v % d],
+                                     raw[query_at(4 * (v / d) + 3) * RAW_STRIDE + v % d]);
+        float4 big, small;
+        split(x.x, big.x, small.x);
+        split(x.y, big.y, small.y);
+        split(x.z, big.z, small.z);
+        split(x.w, big.w, small.w);
+        reinterpret_cast<float4*>(X.big)[v] = big;
+        reinterpret_cast<float4*>(X.small)[v] = small;
+        split(y.x, big.x, small.x);
+        split(y.y, big.y, small.y);
+        split(y.z, big.z, small.z);
+        split(y.w, big.w, small.w);
+        reinterpret_cast<float4*>(Xt.big)[v] = big;
+        reinterpret_cast<float4*>(Xt.small)[v] = small;
+    }
+}
+
+// One block per (key tile j, head bh), as versions 1 and 2. Version 4 stages with version
+// 2's loop; version 5 (linear_staging) with stage_operands.
+template <bool linear_staging>
 __global__ void __launch_bounds__(THREADS, 1)
 backward_kernel(const float* q, const float* k, const float* v, const float* dout, const float* L, const float* D,
                 float* dq, float* dk, float* dv, int BH, int Nq, int Nk, float softmax_scale, bool causal) {
@@ -580,7 +619,7 @@ backward_kernel(const float* q, const float* k, const float* v, const float* dou
     }
     __syncthreads();
 
-    if (wg == 0) {  // the producer: line 9 for every step, STAGES steps ahead at most (version 2's)
+    if (wg == 0) {  // the producer: line 9 for every step, STAGES steps ahead at most
         flash::hopper::registers_down<40>();
         if (steps > 0) {
             v2::load_rows_async(raw_Q, q, first * BQ, Nq, tid);
@@ -593,13 +632,18 @@ backward_kernel(const float* q, const float* k, const float* v, const float* dou
             flash::fast::cp_async_wait_all();
             warpgroup_sync<1>();                           // the raw rows of step n landed
             mbar_wait(&empty[s], (n / STAGES + 1) % 2);    // step n - STAGES is done with stage s
-            for (int f = tid; f < BQ * d; f += 128) {      // Q_i, dO_i; Q_i^T, dO_i^T in position_of order
-                const int r = f / d, c = f % d;
-                const float a = raw_Q[r * RAW_STRIDE + c], b = raw_dO[r * RAW_STRIDE + c];
-                x.Q.store(r, c, a);
-                x.dO.store(r, c, b);
-                x.Qt.store(c, position_of(r), a);
-                x.dOt.store(c, position_of(r), b);
+            if (linear_staging) {
+                stage_operands(x.Q, x.Qt, raw_Q, tid);
+                stage_operands(x.dO, x.dOt, raw_dO, tid);
+            } else {
+                for (int f = tid; f < BQ * d; f += 128) {  // Q_i, dO_i; Q_i^T, dO_i^T in position_of order
+                    const int r = f / d, c = f % d;
+                    const float a = raw_Q[r * RAW_STRIDE + c], b = raw_dO[r * RAW_STRIDE + c];
+                    x.Q.store(r, c, a);
+                    x.dO.store(r, c, b);
+                    x.Qt.store(c, position_of(r), a);
+                    x.dOt.store(c, position_of(r), b);
+                }
             }
             if (tid < BQ) x.L[tid] = q0 + tid < Nq ? L[q0 + tid] : 0.f;
             else if (tid < 2 * BQ) x.D[tid - BQ] = q0 + tid - BQ < Nq ? D[q0 + tid - BQ] : 0.f;
@@ -735,7 +779,7 @@ Problem random_problem(int BH, int Nq, int Nk, bool causal, unsigned seed, std::
     return p;
 }
 
-// Runs version 1, 2 or 4 once, then `reps` more times between CUDA events; returns the
+// Runs version 1, 2, 4 or 5 once, then `reps` more times between CUDA events; returns the
 // median ms and leaves dq, dk, dv in the vectors. `work` picks version 2's roles (v2::Work).
 float run(int version, const Problem& p, std::vector<float>& dq, std::vector<float>& dk, std::vector<float>& dv,
           int reps, v2::Work work = v2::ALL) {
@@ -751,12 +795,13 @@ float run(int version, const Problem& p, std::vector<float>& dq, std::vector<flo
     CHECK(cudaMemcpy(L, p.L.data(), p.L.size() * 4, cudaMemcpyHostToDevice));
     CHECK(cudaMemcpy(D, p.D.data(), p.D.size() * 4, cudaMemcpyHostToDevice));
     const auto kernel = version == 1                   ? backward_kernel
-                        : version == 4                 ? v4::backward_kernel
+                        : version == 4                 ? v4::backward_kernel<false>
+                        : version == 5                 ? v4::backward_kernel<true>
                         : work == v2::PRODUCER_ALONE   ? v2::backward_kernel<v2::PRODUCER_ALONE>
                         : work == v2::CONSUMERS_ALONE  ? v2::backward_kernel<v2::CONSUMERS_ALONE>
                                                        : v2::backward_kernel<v2::ALL>;
-    const size_t smem = version == 1 ? SMEM : version == 4 ? v4::SMEM : v2::SMEM;
-    const int threads = version == 1 ? THREADS : version == 4 ? v4::THREADS : v2::THREADS;
+    const size_t smem = version == 1 ? SMEM : version >= 3 ? v4::SMEM : v2::SMEM;
+    const int threads = version == 1 ? THREADS : version >= 3 ? v4::THREADS : v2::THREADS;
     CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     auto launch = [&] {
         CHECK(cudaMemsetAsync(gq, 0, nq * 4));
@@ -819,7 +864,7 @@ int main() {
     setvbuf(stdout, nullptr, _IOLBF, 0);  // each line as it is printed, should a later version hang
     if (!runs_wgmma()) return 1;
     bool ok = true;
-    for (int version : {1, 2, 4}) {  // each version checked, then timed, before the next
+    for (int version : {1, 2, 4, 5}) {  // each version checked, then timed, before the next
         for (bool causal : {false, true}) {
             ok &= check(version, 2, 64, 64, causal);
             ok &= check(version, 2, 100, 37, causal);
