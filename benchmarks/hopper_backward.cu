@@ -294,6 +294,90 @@ __device__ __forceinline__ void load_rows_async(float* raw, const float* x, int 
     }
 }
 
+// Which query of a step sits at K position p of Q_i^T, dO_i^T (the inverse of position_of).
+__device__ __forceinline__ int query_at(int p) {
+    const int u = p % 8;
+    return (p & ~7) | (u < 4 ? 2 * u : 2 * (u - 4) + 1);
+}
+// Line 9 into a stage: raw (BQ rows of d, RAW_STRIDE apart) as X (rows = queries, K = d)
+// and X^T (rows = d, K = queries in position_of order), split. Version 2's loop walks the
+// source, so a warp's stores land 64 or 32 floats apart: 4- and 8-way bank conflicts, about
+// 1,500 store wavefronts a step. This one walks the destination, four floats a thread:
+// every store is a whole 16-byte vector of consecutive floats, and the loads from the
+// padded raw rows are conflict-free too. Thread tid of the producer's 128.
+__device__ __forceinline__ void stage_operands(const Operand& X, const Operand& Xt, const float* raw, int tid) {
+    for (int v = tid; v < BQ * d / 4; v += 128) {
+        // X: floats 4v .. 4v + 3 are (r, k0 .. k0 + 3), r = v % 16, k0 = 4 (v / 16) (kgroup_major)
+        const float4 x = *reinterpret_cast<const float4*>(raw + (v % BQ) * RAW_STRIDE + 4 * (v / BQ));
+        // X^T: floats 4v .. 4v + 3 are (r, 4g .. 4g + 3), r = v % 64, g = v / 64
+        const float4 y = make_float4(raw[query_at(4 * (v / d)) * RAW_STRIDE + v % d],
+                                     raw[query_at(4 * (v / d) + 1) * RAW_STRIDE + v % d],
+                                     raw[query_at(4 * (v / d) + 2) * RAW_STRIDE + v % d],
+                                     raw[query_at(4 * (v / d) + 3) * RAW_STRIDE + v % d]);
+        float4 big, small;
+        split(x.x, big.x, small.x);
+        split(x.y, big.y, small.y);
+        split(x.z, big.z, small.z);
+        split(x.w, big.w, small.w);
+        reinterpret_cast<float4*>(X.big)[v] = big;
+        reinterpret_cast<float4*>(X.small)[v] = small;
+        split(y.x, big.x, small.x);
+        split(y.y, big.y, small.y);
+        split(y.z, big.z, small.z);
+        split(y.w, big.w, small.w);
+        reinterpret_cast<float4*>(Xt.big)[v] = big;
+        reinterpret_cast<float4*>(Xt.small)[v] = small;
+    }
+}
+
+// The producer, line 9 for every step, `stages` steps ahead at most: it copies the step's
+// query rows (cp.async) into raw_Q, raw_dO, waits until the stage's consumers are done with
+// it (empty), stages Q_i, dO_i, Q_i^T, dO_i^T split and L_i, D_i, and hands it over (full).
+// stage = false hands the stages over untouched (CONSUMERS_ALONE); linear stages with
+// stage_operands, else walking the source, one element a thread (versions 2 and 4).
+template <int stages, bool stage, bool linear, typename StageAt>
+__device__ __forceinline__ void produce(StageAt stage_at, uint64_t* full, uint64_t* empty, float* raw_Q,
+                                        float* raw_dO, const float* q, const float* dout, const float* L,
+                                        const float* D, int first, int steps, int Nq, int tid) {
+    if (stage && steps > 0) {
+        load_rows_async(raw_Q, q, first * BQ, Nq, tid);
+        load_rows_async(raw_dO, dout, first * BQ, Nq, tid);
+        flash::fast::cp_async_commit();
+    }
+    for (int n = 0; n < steps; ++n) {
+        const int s = n % stages, q0 = (first + n) * BQ;
+        const auto x = stage_at(s);
+        flash::fast::cp_async_wait_all();
+        warpgroup_sync<1>();                           // the raw rows of step n landed
+        mbar_wait(&empty[s], (n / stages + 1) % 2);    // step n - stages is done with stage s
+        if (stage) {
+            if (linear) {
+                stage_operands(x.Q, x.Qt, raw_Q, tid);
+                stage_operands(x.dO, x.dOt, raw_dO, tid);
+            } else {
+                for (int f = tid; f < BQ * d; f += 128) {  // Q_i, dO_i; Q_i^T, dO_i^T in position_of order
+                    const int r = f / d, c = f % d;
+                    const float a = raw_Q[r * RAW_STRIDE + c], b = raw_dO[r * RAW_STRIDE + c];
+                    x.Q.store(r, c, a);
+                    x.dO.store(r, c, b);
+                    x.Qt.store(c, position_of(r), a);
+                    x.dOt.store(c, position_of(r), b);
+                }
+            }
+            if (tid < BQ) x.L[tid] = q0 + tid < Nq ? L[q0 + tid] : 0.f;
+            else if (tid < 2 * BQ) x.D[tid - BQ] = q0 + tid - BQ < Nq ? D[q0 + tid - BQ] : 0.f;
+            fence_proxy_async();
+        }
+        mbar_arrive(&full[s]);
+        warpgroup_sync<1>();                           // every producer thread is done with the raw rows
+        if (stage && n + 1 < steps) {
+            load_rows_async(raw_Q, q, q0 + BQ, Nq, tid);
+            load_rows_async(raw_dO, dout, q0 + BQ, Nq, tid);
+            flash::fast::cp_async_commit();
+        }
+    }
+}
+
 // What a launch does, for timing the two roles apart: ALL is the backward; PRODUCER_ALONE
 // stages every step while the consumers only hand the stages back; CONSUMERS_ALONE computes
 // on stages that the producer hands over without loading or staging them (wrong results).
@@ -332,40 +416,10 @@ backward_kernel(const float* q, const float* k, const float* v, const float* dou
     fence_proxy_async();
     __syncthreads();
 
-    if (wg == 0) {  // the producer: line 9 for every step, STAGES steps ahead at most
+    if (wg == 0) {  // the producer
         flash::hopper::registers_down<40>();
-        if (work != CONSUMERS_ALONE && steps > 0) {
-            load_rows_async(raw_Q, q, first * BQ, Nq, tid);
-            load_rows_async(raw_dO, dout, first * BQ, Nq, tid);
-            flash::fast::cp_async_commit();
-        }
-        for (int n = 0; n < steps; ++n) {
-            const int s = n % STAGES, q0 = (first + n) * BQ;
-            const Stage x = stage_at(ring + s * STAGE);
-            flash::fast::cp_async_wait_all();
-            warpgroup_sync<1>();                           // the raw rows of step n landed
-            mbar_wait(&empty[s], (n / STAGES + 1) % 2);    // step n - STAGES is done with stage s
-            if (work != CONSUMERS_ALONE) {
-                for (int f = tid; f < BQ * d; f += 128) {  // Q_i, dO_i; Q_i^T, dO_i^T in position_of order
-                    const int r = f / d, c = f % d;
-                    const float a = raw_Q[r * RAW_STRIDE + c], b = raw_dO[r * RAW_STRIDE + c];
-                    x.Q.store(r, c, a);
-                    x.dO.store(r, c, b);
-                    x.Qt.store(c, position_of(r), a);
-                    x.dOt.store(c, position_of(r), b);
-                }
-                if (tid < BQ) x.L[tid] = q0 + tid < Nq ? L[q0 + tid] : 0.f;
-                else if (tid < 2 * BQ) x.D[tid - BQ] = q0 + tid - BQ < Nq ? D[q0 + tid - BQ] : 0.f;
-                fence_proxy_async();
-            }
-            mbar_arrive(&full[s]);
-            warpgroup_sync<1>();                           // every producer thread is done with the raw rows
-            if (work != CONSUMERS_ALONE && n + 1 < steps) {
-                load_rows_async(raw_Q, q, q0 + BQ, Nq, tid);
-                load_rows_async(raw_dO, dout, q0 + BQ, Nq, tid);
-                flash::fast::cp_async_commit();
-            }
-        }
+        produce<STAGES, work != CONSUMERS_ALONE, false>([&](int s) { return stage_at(ring + s * STAGE); }, full, empty,
+                                                        raw_Q, raw_dO, q, dout, L, D, first, steps, Nq, tid);
         return;
     }
     // consumer c: lines 10-16 for its steps, then line 18 with the other consumer's sums
@@ -459,6 +513,7 @@ using flash::hopper::warpgroup_sync;
 using v2::BQ;
 using v2::QUERY_OPERAND;
 using v2::RAW_STRIDE;
+using v2::produce;
 
 constexpr int STAGES = 4, THREADS = 512;
 constexpr int STAGE = 8 * QUERY_OPERAND + 2 * BQ * 64 + 64 * BQ + 2 * BQ;  // Q, dO, Q^T, dO^T; dS; P; L_i, D_i
@@ -551,42 +606,6 @@ __device__ __forceinline__ void write_key_rows(float* out, const float (&X)[32],
         }
 }
 
-// Which query of a step sits at K position p of Q_i^T, dO_i^T (the inverse of position_of).
-__device__ __forceinline__ int query_at(int p) {
-    const int u = p % 8;
-    return (p & ~7) | (u < 4 ? 2 * u : 2 * (u - 4) + 1);
-}
-// Line 9 into a stage: raw (BQ rows of d, RAW_STRIDE apart) as X (rows = queries, K = d)
-// and X^T (rows = d, K = queries in position_of order), split. Version 2's loop walks the
-// source, so a warp's stores land 64 or 32 floats apart: 4- and 8-way bank conflicts, about
-// 1,500 store wavefronts a step. This one walks the destination, four floats a thread:
-// every store is a whole 16-byte vector of consecutive floats, and the loads from the
-// padded raw rows are conflict-free too. Thread tid of the producer's 128.
-__device__ __forceinline__ void stage_operands(const Operand& X, const Operand& Xt, const float* raw, int tid) {
-    for (int v = tid; v < BQ * d / 4; v += 128) {
-        // X: floats 4v .. 4v + 3 are (r, k0 .. k0 + 3), r = v % 16, k0 = 4 (v / 16) (kgroup_major)
-        const float4 x = *reinterpret_cast<const float4*>(raw + (v % BQ) * RAW_STRIDE + 4 * (v / BQ));
-        // X^T: floats 4v .. 4v + 3 are (r, 4g .. 4g + 3), r = v % 64, g = v / 64
-        const float4 y = make_float4(raw[query_at(4 * (v / d)) * RAW_STRIDE + v % d],
-                                     raw[query_at(4 * (v / d) + 1) * RAW_STRIDE + v % d],
-                                     raw[query_at(4 * (v / d) + 2) * RAW_STRIDE + v % d],
-                                     raw[query_at(4 * (v / d) + 3) * RAW_STRIDE + v % d]);
-        float4 big, small;
-        split(x.x, big.x, small.x);
-        split(x.y, big.y, small.y);
-        split(x.z, big.z, small.z);
-        split(x.w, big.w, small.w);
-        reinterpret_cast<float4*>(X.big)[v] = big;
-        reinterpret_cast<float4*>(X.small)[v] = small;
-        split(y.x, big.x, small.x);
-        split(y.y, big.y, small.y);
-        split(y.z, big.z, small.z);
-        split(y.w, big.w, small.w);
-        reinterpret_cast<float4*>(Xt.big)[v] = big;
-        reinterpret_cast<float4*>(Xt.small)[v] = small;
-    }
-}
-
 // One block per (key tile j, head bh), as versions 1 and 2. Version 4 stages with version
 // 2's loop; version 5 (linear_staging) with stage_operands.
 template <bool linear_staging>
@@ -619,43 +638,10 @@ backward_kernel(const float* q, const float* k, const float* v, const float* dou
     }
     __syncthreads();
 
-    if (wg == 0) {  // the producer: line 9 for every step, STAGES steps ahead at most
+    if (wg == 0) {  // the producer: version 2's, with stage_operands in version 5
         flash::hopper::registers_down<40>();
-        if (steps > 0) {
-            v2::load_rows_async(raw_Q, q, first * BQ, Nq, tid);
-            v2::load_rows_async(raw_dO, dout, first * BQ, Nq, tid);
-            flash::fast::cp_async_commit();
-        }
-        for (int n = 0; n < steps; ++n) {
-            const int s = n % STAGES, q0 = (first + n) * BQ;
-            const Stage x = stage_at(ring + s * STAGE);
-            flash::fast::cp_async_wait_all();
-            warpgroup_sync<1>();                           // the raw rows of step n landed
-            mbar_wait(&empty[s], (n / STAGES + 1) % 2);    // step n - STAGES is done with stage s
-            if (linear_staging) {
-                stage_operands(x.Q, x.Qt, raw_Q, tid);
-                stage_operands(x.dO, x.dOt, raw_dO, tid);
-            } else {
-                for (int f = tid; f < BQ * d; f += 128) {  // Q_i, dO_i; Q_i^T, dO_i^T in position_of order
-                    const int r = f / d, c = f % d;
-                    const float a = raw_Q[r * RAW_STRIDE + c], b = raw_dO[r * RAW_STRIDE + c];
-                    x.Q.store(r, c, a);
-                    x.dO.store(r, c, b);
-                    x.Qt.store(c, position_of(r), a);
-                    x.dOt.store(c, position_of(r), b);
-                }
-            }
-            if (tid < BQ) x.L[tid] = q0 + tid < Nq ? L[q0 + tid] : 0.f;
-            else if (tid < 2 * BQ) x.D[tid - BQ] = q0 + tid - BQ < Nq ? D[q0 + tid - BQ] : 0.f;
-            fence_proxy_async();
-            mbar_arrive(&full[s]);
-            warpgroup_sync<1>();                           // every producer thread is done with the raw rows
-            if (n + 1 < steps) {
-                v2::load_rows_async(raw_Q, q, q0 + BQ, Nq, tid);
-                v2::load_rows_async(raw_dO, dout, q0 + BQ, Nq, tid);
-                flash::fast::cp_async_commit();
-            }
-        }
+        produce<STAGES, true, linear_staging>([&](int s) { return stage_at(ring + s * STAGE); }, full, empty, raw_Q,
+                                              raw_dO, q, dout, L, D, first, steps, Nq, tid);
         return;
     }
     if (wg == 1) {  // scores: lines 10-12
