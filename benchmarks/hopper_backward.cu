@@ -156,6 +156,16 @@ __device__ __forceinline__ void stage_key_tile(const Operand& K_j, const Operand
 
 constexpr size_t SMEM = (6 * 64 * 64 + 10 * BQ * 64 + 2 * BQ) * sizeof(float);  // 176 KiB
 
+// Moves the kernels' pointers to head bh: q, dout, dq are (BH, Nq, 64), k, v, dk, dv
+// (BH, Nk, 64), L and D (BH, Nq), all contiguous.
+__device__ __forceinline__ void to_head(int bh, int Nq, int Nk, const float*& q, const float*& k, const float*& v,
+                                        const float*& dout, const float*& L, const float*& D, float*& dq, float*& dk,
+                                        float*& dv) {
+    q += (size_t)bh * Nq * d; dout += (size_t)bh * Nq * d; dq += (size_t)bh * Nq * d;
+    k += (size_t)bh * Nk * d; v += (size_t)bh * Nk * d; dk += (size_t)bh * Nk * d; dv += (size_t)bh * Nk * d;
+    L += (size_t)bh * Nq; D += (size_t)bh * Nq;
+}
+
 // One block per (key tile j, head bh): block j * BH + bh. q, k, v, dout, dq, dk, dv are
 // (BH, N, 64) contiguous; L and D (BH, Nq).
 __global__ void __launch_bounds__(THREADS, 1)
@@ -175,9 +185,7 @@ backward_kernel(const float* q, const float* k, const float* v, const float* dou
     float* D_i = next + BQ;
     const int tid = threadIdx.x, w = tid / 32, g = tid % 32 / 4, t = tid % 4;
     const int j = blockIdx.x / BH, bh = blockIdx.x % BH;
-    q += (size_t)bh * Nq * d; dout += (size_t)bh * Nq * d; dq += (size_t)bh * Nq * d;
-    k += (size_t)bh * Nk * d; v += (size_t)bh * Nk * d; dk += (size_t)bh * Nk * d; dv += (size_t)bh * Nk * d;
-    L += (size_t)bh * Nq; D += (size_t)bh * Nq;
+    to_head(bh, Nq, Nk, q, k, v, dout, L, D, dq, dk, dv);
     const float scale_log2 = softmax_scale * LOG2E;
 
     // line 6: K_j, V_j (rows = keys), K_j^T (rows = d); zeros past Nk
@@ -299,6 +307,16 @@ __device__ __forceinline__ int query_at(int p) {
     const int u = p % 8;
     return (p & ~7) | (u < 4 ? 2 * u : 2 * (u - 4) + 1);
 }
+// Floats 4v .. 4v + 3 of operand X, split, as one 16-byte vector per part.
+__device__ __forceinline__ void store_split4(const Operand& X, int v, float4 x) {
+    float4 big, small;
+    split(x.x, big.x, small.x);
+    split(x.y, big.y, small.y);
+    split(x.z, big.z, small.z);
+    split(x.w, big.w, small.w);
+    reinterpret_cast<float4*>(X.big)[v] = big;
+    reinterpret_cast<float4*>(X.small)[v] = small;
+}
 // Line 9 into a stage: raw (BQ rows of d, RAW_STRIDE apart) as X (rows = queries, K = d)
 // and X^T (rows = d, K = queries in position_of order), split. Version 2's loop walks the
 // source, so a warp's stores land 64 or 32 floats apart: 4- and 8-way bank conflicts, about
@@ -314,19 +332,8 @@ __device__ __forceinline__ void stage_operands(const Operand& X, const Operand& 
                                      raw[query_at(4 * (v / d) + 1) * RAW_STRIDE + v % d],
                                      raw[query_at(4 * (v / d) + 2) * RAW_STRIDE + v % d],
                                      raw[query_at(4 * (v / d) + 3) * RAW_STRIDE + v % d]);
-        float4 big, small;
-        split(x.x, big.x, small.x);
-        split(x.y, big.y, small.y);
-        split(x.z, big.z, small.z);
-        split(x.w, big.w, small.w);
-        reinterpret_cast<float4*>(X.big)[v] = big;
-        reinterpret_cast<float4*>(X.small)[v] = small;
-        split(y.x, big.x, small.x);
-        split(y.y, big.y, small.y);
-        split(y.z, big.z, small.z);
-        split(y.w, big.w, small.w);
-        reinterpret_cast<float4*>(Xt.big)[v] = big;
-        reinterpret_cast<float4*>(Xt.small)[v] = small;
+        store_split4(X, v, x);
+        store_split4(Xt, v, y);
     }
 }
 
@@ -399,9 +406,7 @@ backward_kernel(const float* q, const float* k, const float* v, const float* dou
     uint64_t* empty = full + STAGES;
     const int wg = threadIdx.x / 128, tid = threadIdx.x % 128, w = tid / 32, g = tid % 32 / 4, t = tid % 4;
     const int j = blockIdx.x / BH, bh = blockIdx.x % BH;
-    q += (size_t)bh * Nq * d; dout += (size_t)bh * Nq * d; dq += (size_t)bh * Nq * d;
-    k += (size_t)bh * Nk * d; v += (size_t)bh * Nk * d; dk += (size_t)bh * Nk * d; dv += (size_t)bh * Nk * d;
-    L += (size_t)bh * Nq; D += (size_t)bh * Nq;
+    to_head(bh, Nq, Nk, q, k, v, dout, L, D, dq, dk, dv);
     const int first = causal ? j * Bc / BQ : 0, steps = cdiv(Nq, BQ) > first ? cdiv(Nq, BQ) - first : 0;
 
     // line 6: K_j, V_j, K_j^T by every thread; the mbarriers
@@ -622,9 +627,7 @@ backward_kernel(const float* q, const float* k, const float* v, const float* dou
     uint64_t* empty = gradients + STAGES;
     const int wg = threadIdx.x / 128, tid = threadIdx.x % 128, w = tid / 32, g = tid % 32 / 4, t = tid % 4;
     const int j = blockIdx.x / BH, bh = blockIdx.x % BH;
-    q += (size_t)bh * Nq * d; dout += (size_t)bh * Nq * d; dq += (size_t)bh * Nq * d;
-    k += (size_t)bh * Nk * d; v += (size_t)bh * Nk * d; dk += (size_t)bh * Nk * d; dv += (size_t)bh * Nk * d;
-    L += (size_t)bh * Nq; D += (size_t)bh * Nq;
+    to_head(bh, Nq, Nk, q, k, v, dout, L, D, dq, dk, dv);
     const int first = causal ? j * Bc / BQ : 0, steps = cdiv(Nq, BQ) > first ? cdiv(Nq, BQ) - first : 0;
 
     if (threadIdx.x == 0) {
