@@ -14,12 +14,15 @@
 // dQ is added with atomics (the default mode). Version 2 (below; measured: 31 TFLOP/s) adds
 // a producer warpgroup and two consumers, in 16-query steps. Version 4 (compiled, not yet
 // run) keeps the key tile in the consumers' registers, one consumer per role; version 5 also
-// stages each step without bank conflicts. All are checked against float64 on the CPU, then
-// timed at B*H = 16, N = 4096 (version 2 also with each of its roles alone: v2::Work).
+// stages each step without bank conflicts; version 6 is version 5's deterministic mode, with
+// Part II's partial buffers and chains. All are checked against float64 on the CPU, then
+// timed at B*H = 16, N = 4096 (version 2 also with each of its roles alone: v2::Work);
+// version 6's bits also against themselves (again, blocks started in reverse, one head alone).
 // Finite inputs only: NaN containment is for a later version.
 //   nvcc -gencode arch=compute_90a,code=sm_90a -O3 -o /tmp/hopper_backward benchmarks/hopper_backward.cu && timeout 60 /tmp/hopper_backward
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "../flash_attention.cu"  // version 2: Part III's mbarrier, barrier and register helpers
@@ -123,16 +126,20 @@ __device__ __forceinline__ void store_transposed(const Operand& B, const float (
         for (int e = 0; e < 4; ++e) B.store(8 * n + 2 * t + e % 2, 16 * w + g + 8 * (e / 2), X[4 * n + e]);
 }
 // Line 15's sum: dQ_i += scale (dQ_i^T)^T, from dQ_i^T's accumulator fragment (64 x queries
-// q0 ..), by atomics.
+// q0 ..), by atomics; or, store, dQ_i = scale (dQ_i^T)^T (a deterministic buffer's first writer).
 template <int F>
-__device__ __forceinline__ void add_dq(float* dq, const float (&dQt)[F], int q0, int Nq, float softmax_scale) {
+__device__ __forceinline__ void write_dq(float* dq, const float (&dQt)[F], int q0, int Nq, float softmax_scale,
+                                         bool store) {
     const int w = threadIdx.x % 128 / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
 #pragma unroll
     for (int n = 0; n < F / 4; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const int col = 16 * w + g + 8 * (e / 2), query = q0 + 8 * n + 2 * t + e % 2;
-            if (query < Nq) atomicAdd(dq + (size_t)query * d + col, softmax_scale * dQt[4 * n + e]);
+            if (query >= Nq) continue;
+            float* const out = dq + (size_t)query * d + col;
+            if (store) *out = softmax_scale * dQt[4 * n + e];
+            else atomicAdd(out, softmax_scale * dQt[4 * n + e]);
         }
 }
 
@@ -243,7 +250,7 @@ backward_kernel(const float* q, const float* k, const float* v, const float* dou
         __syncthreads();
         float dQt[16];
         product_64xN(dQt, Kt_j, dS_ij);
-        add_dq(dq, dQt, q0, Nq, softmax_scale);
+        write_dq(dq, dQt, q0, Nq, softmax_scale, false);
     }
     // line 18: dK_j (times the scale), dV_j; zero for keys no query sees
 #pragma unroll
@@ -337,26 +344,42 @@ __device__ __forceinline__ void stage_operands(const Operand& X, const Operand& 
     }
 }
 
+// Line 8's sweep of key tile j in steps of BQ queries: step n covers the queries q0(n) ..
+// q0(n) + BQ - 1. All of them, upward, unless causal: then from the first step that sees
+// key tile j, upward (version 2), or from the last step down to it (descending: versions 4
+// to 6; two key tiles that share a deterministic buffer then reach a query step at the same
+// step n, as Part II's sweep does).
+struct Sweep {
+    int first, steps;
+    bool descending;
+    __device__ __forceinline__ int q0(int n) const { return (descending ? first + steps - 1 - n : first + n) * BQ; }
+};
+__device__ __forceinline__ Sweep sweep_of(int j, int Nq, bool causal, bool descending) {
+    const int first = causal ? j * Bc / BQ : 0, all = cdiv(Nq, BQ);
+    return Sweep{first, all > first ? all - first : 0, causal && descending};
+}
+
 // The producer, line 9 for every step, `stages` steps ahead at most: it copies the step's
 // query rows (cp.async) into raw_Q, raw_dO, waits until the stage's consumers are done with
 // it (empty), stages Q_i, dO_i, Q_i^T, dO_i^T split and L_i, D_i, and hands it over (full).
 // stage = false hands the stages over untouched (CONSUMERS_ALONE); linear stages with
-// stage_operands, else walking the source, one element a thread (versions 2 and 4).
+// stage_operands, else walking the source, one element a thread (versions 2 and 4). The
+// ring has already carried `before` steps (of the block's earlier key tiles).
 template <int stages, bool stage, bool linear, typename StageAt>
 __device__ __forceinline__ void produce(StageAt stage_at, uint64_t* full, uint64_t* empty, float* raw_Q,
                                         float* raw_dO, const float* q, const float* dout, const float* L,
-                                        const float* D, int first, int steps, int Nq, int tid) {
-    if (stage && steps > 0) {
-        load_rows_async(raw_Q, q, first * BQ, Nq, tid);
-        load_rows_async(raw_dO, dout, first * BQ, Nq, tid);
+                                        const float* D, Sweep sweep, int before, int Nq, int tid) {
+    if (stage && sweep.steps > 0) {
+        load_rows_async(raw_Q, q, sweep.q0(0), Nq, tid);
+        load_rows_async(raw_dO, dout, sweep.q0(0), Nq, tid);
         flash::fast::cp_async_commit();
     }
-    for (int n = 0; n < steps; ++n) {
-        const int s = n % stages, q0 = (first + n) * BQ;
+    for (int n = 0; n < sweep.steps; ++n) {
+        const int ring_step = before + n, s = ring_step % stages, q0 = sweep.q0(n);
         const auto x = stage_at(s);
         flash::fast::cp_async_wait_all();
         warpgroup_sync<1>();                           // the raw rows of step n landed
-        mbar_wait(&empty[s], (n / stages + 1) % 2);    // step n - stages is done with stage s
+        mbar_wait(&empty[s], (ring_step / stages + 1) % 2);  // ring step - stages is done with stage s
         if (stage) {
             if (linear) {
                 stage_operands(x.Q, x.Qt, raw_Q, tid);
@@ -377,9 +400,9 @@ __device__ __forceinline__ void produce(StageAt stage_at, uint64_t* full, uint64
         }
         mbar_arrive(&full[s]);
         warpgroup_sync<1>();                           // every producer thread is done with the raw rows
-        if (stage && n + 1 < steps) {
-            load_rows_async(raw_Q, q, q0 + BQ, Nq, tid);
-            load_rows_async(raw_dO, dout, q0 + BQ, Nq, tid);
+        if (stage && n + 1 < sweep.steps) {
+            load_rows_async(raw_Q, q, sweep.q0(n + 1), Nq, tid);
+            load_rows_async(raw_dO, dout, sweep.q0(n + 1), Nq, tid);
             flash::fast::cp_async_commit();
         }
     }
@@ -407,7 +430,7 @@ backward_kernel(const float* q, const float* k, const float* v, const float* dou
     const int wg = threadIdx.x / 128, tid = threadIdx.x % 128, w = tid / 32, g = tid % 32 / 4, t = tid % 4;
     const int j = blockIdx.x / BH, bh = blockIdx.x % BH;
     to_head(bh, Nq, Nk, q, k, v, dout, L, D, dq, dk, dv);
-    const int first = causal ? j * Bc / BQ : 0, steps = cdiv(Nq, BQ) > first ? cdiv(Nq, BQ) - first : 0;
+    const Sweep sweep = sweep_of(j, Nq, causal, false);
 
     // line 6: K_j, V_j, K_j^T by every thread; the mbarriers
     stage_key_tile(K_j, V_j, Kt_j, k, v, j, Nk, threadIdx.x, THREADS);
@@ -424,7 +447,7 @@ backward_kernel(const float* q, const float* k, const float* v, const float* dou
     if (wg == 0) {  // the producer
         flash::hopper::registers_down<40>();
         produce<STAGES, work != CONSUMERS_ALONE, false>([&](int s) { return stage_at(ring + s * STAGE); }, full, empty,
-                                                        raw_Q, raw_dO, q, dout, L, D, first, steps, Nq, tid);
+                                                        raw_Q, raw_dO, q, dout, L, D, sweep, 0, Nq, tid);
         return;
     }
     // consumer c: lines 10-16 for its steps, then line 18 with the other consumer's sums
@@ -434,8 +457,8 @@ backward_kernel(const float* q, const float* k, const float* v, const float* dou
     const float scale_log2 = softmax_scale * LOG2E;
     float dK_j[32], dV_j[32], part[32];  // line 7
     for (int e = 0; e < 32; ++e) dK_j[e] = dV_j[e] = 0.f;
-    for (int n = c; n < steps; n += 2) {
-        const int s = n % STAGES, q0 = (first + n) * BQ;
+    for (int n = c; n < sweep.steps; n += 2) {
+        const int s = n % STAGES, q0 = sweep.q0(n);
         const Stage x = stage_at(ring + s * STAGE);
         mbar_wait(&full[s], (n / STAGES) % 2);
         if (work == PRODUCER_ALONE) {
@@ -469,7 +492,7 @@ backward_kernel(const float* q, const float* k, const float* v, const float* dou
         else warpgroup_sync<3>();
         float dQt[8];
         product_64xN(dQt, Kt_j, dS_ij);
-        add_dq(dq, dQt, q0, Nq, softmax_scale);
+        write_dq(dq, dQt, q0, Nq, softmax_scale, false);
     }
     // line 18: consumer 1 hands its sums over through the ring (both consumers are past their
     // last reads of it), consumer 0 adds them and writes dK_j (times the scale), dV_j.
@@ -612,11 +635,21 @@ __device__ __forceinline__ void write_key_rows(float* out, const float (&X)[32],
 }
 
 // One block per (key tile j, head bh), as versions 1 and 2. Version 4 stages with version
-// 2's loop; version 5 (linear_staging) with stage_operands.
-template <bool linear_staging>
+// 2's loop; versions 5 and 6 with stage_operands.
+// Version 6 is the deterministic mode, Part II's (flash_attention.cu): key tile j writes its
+// shares of dQ into buffer j mod P (buffer 0 is dq, buffers 1 .. P-1 are dq_partial), after
+// key tile j - P and before j + P. Each warp of the dQ consumer publishes how many steps it
+// has written (dq_progress: 4 ints a tile, then a flag a tile), and before it writes step n
+// waits until the same warp of tile j - P has written step n: the same query step, as both
+// sweep downward when causal. A block takes its tiles with flash::fast::take_tiles, so it
+// waits only on tiles that started blocks took; every role then walks the same tiles, the
+// ring's steps running on from one to the next. reversed_start (the checks): the blocks take
+// tiles as if the GPU started them last to first. Part I's dq_sum_kernel adds the buffers.
+template <bool linear_staging, bool deterministic>
 __global__ void __launch_bounds__(THREADS, 1)
 backward_kernel(const float* q, const float* k, const float* v, const float* dout, const float* L, const float* D,
-                float* dq, float* dk, float* dv, int BH, int Nq, int Nk, float softmax_scale, bool causal) {
+                float* dq, float* dq_partial, int* dq_progress, float* dk, float* dv, int BH, int Nq, int Nk, int P,
+                float softmax_scale, bool causal, bool reversed_start) {
     extern __shared__ __align__(128) float smem[];
     float* ring = smem;
     float* raw_Q = ring + STAGES * STAGE;
@@ -626,10 +659,10 @@ backward_kernel(const float* q, const float* k, const float* v, const float* dou
     uint64_t* gradients = scores + STAGES;
     uint64_t* empty = gradients + STAGES;
     const int wg = threadIdx.x / 128, tid = threadIdx.x % 128, w = tid / 32, g = tid % 32 / 4, t = tid % 4;
-    const int j = blockIdx.x / BH, bh = blockIdx.x % BH;
-    to_head(bh, Nq, Nk, q, k, v, dout, L, D, dq, dk, dv);
-    const int first = causal ? j * Bc / BQ : 0, steps = cdiv(Nq, BQ) > first ? cdiv(Nq, BQ) - first : 0;
-
+    const int Tc = cdiv(Nk, Bc), stride = P * BH;          // tile - stride: the previous tile of its buffer
+    const bool chained = deterministic && Tc > P;
+    const int last = reversed_start ? gridDim.x - 1 - blockIdx.x : blockIdx.x;  // the block's own tile
+    const int first = chained ? flash::fast::take_tiles(dq_progress + (size_t)Tc * BH * 4, last, stride) : last;
     if (threadIdx.x == 0) {
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(&full[s], 128);
@@ -640,77 +673,115 @@ backward_kernel(const float* q, const float* k, const float* v, const float* dou
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     __syncthreads();
+    if (first < 0) return;  // another block took this tile
 
-    if (wg == 0) {  // the producer: version 2's, with stage_operands in version 5
+    // Runs work(tile, j, bh, sweep, before) for the block's tiles, first, first + stride, ...,
+    // last; `before`: the ring steps of the tiles before this one.
+    auto for_each_tile = [&](auto work) {
+        for (int tile = first, before = 0;; tile += stride) {
+            const int j = tile / BH, bh = tile % BH;
+            const v2::Sweep sweep = v2::sweep_of(j, Nq, causal, true);
+            work(tile, j, bh, sweep, before);
+            if (tile == last) break;
+            before += sweep.steps;
+        }
+    };
+    // The rows before head bh's: query rows (q, dout, dq, L, D) and key rows (k, v, dk, dv).
+    auto queries_before = [&](int bh) { return (size_t)bh * Nq; };
+    auto keys_before = [&](int bh) { return (size_t)bh * Nk; };
+
+    if (wg == 0) {  // the producer: version 2's, with stage_operands in versions 5 and 6
         flash::hopper::registers_down<40>();
-        produce<STAGES, true, linear_staging>([&](int s) { return stage_at(ring + s * STAGE); }, full, empty, raw_Q,
-                                              raw_dO, q, dout, L, D, first, steps, Nq, tid);
+        for_each_tile([&](int, int, int bh, v2::Sweep sweep, int before) {
+            const size_t rows = queries_before(bh);
+            produce<STAGES, true, linear_staging>([&](int s) { return stage_at(ring + s * STAGE); }, full, empty, raw_Q,
+                                                  raw_dO, q + rows * d, dout + rows * d, L + rows, D + rows, sweep,
+                                                  before, Nq, tid);
+        });
         return;
     }
     if (wg == 1) {  // scores: lines 10-12
         flash::hopper::registers_up<168>();
-        Fragments K_j;  // line 6
-        load_fragments(K_j, k, j * Bc, Nk, false);
         const float scale_log2 = softmax_scale * LOG2E;
-        float dV_j[32] = {};  // line 7
-        for (int n = 0; n < steps; ++n) {
-            const int s = n % STAGES, q0 = (first + n) * BQ;
-            const Stage x = stage_at(ring + s * STAGE);
-            mbar_wait(&full[s], (n / STAGES) % 2);
-            float S[8] = {};  // zeros: ptxas otherwise breaks the chain with a wait (C7517)
-            product_64x16(S, K_j, x.Q);  // lines 10-11: S_ij^T = K_j Q_i^T, then P_ij^T
+        for_each_tile([&](int, int j, int bh, v2::Sweep sweep, int before) {
+            Fragments K_j;  // line 6
+            load_fragments(K_j, k + keys_before(bh) * d, j * Bc, Nk, false);
+            float dV_j[32] = {};  // line 7
+            for (int n = 0; n < sweep.steps; ++n) {
+                const int ring_step = before + n, s = ring_step % STAGES, q0 = sweep.q0(n);
+                const Stage x = stage_at(ring + s * STAGE);
+                mbar_wait(&full[s], (ring_step / STAGES) % 2);
+                float S[8] = {};  // zeros: ptxas otherwise breaks the chain with a wait (C7517)
+                product_64x16(S, K_j, x.Q);  // lines 10-11: S_ij^T = K_j Q_i^T, then P_ij^T
 #pragma unroll
-            for (int e = 0; e < 8; ++e) {
-                const int key = j * Bc + 16 * w + g + 8 * (e % 4 / 2), col = 8 * (e / 4) + 2 * t + e % 2;
-                const int query = q0 + col;
-                const bool hidden = query >= Nq || key >= Nk || (causal && key > query);
-                S[e] = hidden ? 0.f : exp2f(S[e] * scale_log2 - x.L[col] * LOG2E);
-                x.P[e * 128 + tid] = S[e];
+                for (int e = 0; e < 8; ++e) {
+                    const int key = j * Bc + 16 * w + g + 8 * (e % 4 / 2), col = 8 * (e / 4) + 2 * t + e % 2;
+                    const int query = q0 + col;
+                    const bool hidden = query >= Nq || key >= Nk || (causal && key > query);
+                    S[e] = hidden ? 0.f : exp2f(S[e] * scale_log2 - x.L[col] * LOG2E);
+                    x.P[e * 128 + tid] = S[e];
+                }
+                mbar_arrive(&scores[s]);
+                accumulate_64x64(dV_j, S, x.dOt);  // line 12: dV_j += P_ij^T dO_i
+                mbar_arrive(&empty[s]);
             }
-            mbar_arrive(&scores[s]);
-            accumulate_64x64(dV_j, S, x.dOt);  // line 12: dV_j += P_ij^T dO_i
-            mbar_arrive(&empty[s]);
-        }
-        write_key_rows(dv, dV_j, j, Nk, 1.f);
+            write_key_rows(dv + keys_before(bh) * d, dV_j, j, Nk, 1.f);
+        });
         return;
     }
     if (wg == 2) {  // gradients: lines 13, 14, 16
         flash::hopper::registers_up<168>();
-        Fragments V_j;
-        load_fragments(V_j, v, j * Bc, Nk, false);
-        float dK_j[32] = {};
-        for (int n = 0; n < steps; ++n) {
-            const int s = n % STAGES;
-            const Stage x = stage_at(ring + s * STAGE);
-            mbar_wait(&full[s], (n / STAGES) % 2);
-            float dP[8] = {};
-            product_64x16(dP, V_j, x.dO);  // line 13: dP_ij^T = V_j dO_i^T
-            mbar_wait(&scores[s], (n / STAGES) % 2);
+        for_each_tile([&](int, int j, int bh, v2::Sweep sweep, int before) {
+            Fragments V_j;
+            load_fragments(V_j, v + keys_before(bh) * d, j * Bc, Nk, false);
+            float dK_j[32] = {};
+            for (int n = 0; n < sweep.steps; ++n) {
+                const int ring_step = before + n, s = ring_step % STAGES;
+                const Stage x = stage_at(ring + s * STAGE);
+                mbar_wait(&full[s], (ring_step / STAGES) % 2);
+                float dP[8] = {};
+                product_64x16(dP, V_j, x.dO);  // line 13: dP_ij^T = V_j dO_i^T
+                mbar_wait(&scores[s], (ring_step / STAGES) % 2);
 #pragma unroll
-            for (int e = 0; e < 8; ++e)  // line 14: dS_ij^T = P_ij^T (dP_ij^T - D_i)
-                dP[e] = x.P[e * 128 + tid] * (dP[e] - x.D[8 * (e / 4) + 2 * t + e % 2]);
-            store_transposed(x.dS, dP);  // dS_ij as B of line 15 (rows = queries, K = keys)
-            fence_proxy_async();
-            mbar_arrive(&gradients[s]);
-            accumulate_64x64(dK_j, dP, x.Qt);  // line 16: dK_j += dS_ij^T Q_i
-            mbar_arrive(&empty[s]);
-        }
-        write_key_rows(dk, dK_j, j, Nk, softmax_scale);
+                for (int e = 0; e < 8; ++e)  // line 14: dS_ij^T = P_ij^T (dP_ij^T - D_i)
+                    dP[e] = x.P[e * 128 + tid] * (dP[e] - x.D[8 * (e / 4) + 2 * t + e % 2]);
+                store_transposed(x.dS, dP);  // dS_ij as B of line 15 (rows = queries, K = keys)
+                fence_proxy_async();
+                mbar_arrive(&gradients[s]);
+                accumulate_64x64(dK_j, dP, x.Qt);  // line 16: dK_j += dS_ij^T Q_i
+                mbar_arrive(&empty[s]);
+            }
+            write_key_rows(dk + keys_before(bh) * d, dK_j, j, Nk, softmax_scale);
+        });
         return;
     }
-    // dQ: line 15
+    // dQ: line 15, into dq by atomics, or (deterministic) into buffer j mod P in its turn
     flash::hopper::registers_up<136>();
-    Fragments Kt_j;
-    load_fragments(Kt_j, k, j * Bc, Nk, true);
-    for (int n = 0; n < steps; ++n) {
-        const int s = n % STAGES, q0 = (first + n) * BQ;
-        const Stage x = stage_at(ring + s * STAGE);
-        mbar_wait(&gradients[s], (n / STAGES) % 2);
-        float dQt[8] = {};
-        product_64x16(dQt, Kt_j, x.dS);  // dQ_i^T = K_j^T dS_ij^T
-        mbar_arrive(&empty[s]);
-        add_dq(dq, dQt, q0, Nq, softmax_scale);
-    }
+    for_each_tile([&](int tile, int j, int bh, v2::Sweep sweep, int before) {
+        Fragments Kt_j;
+        load_fragments(Kt_j, k + keys_before(bh) * d, j * Bc, Nk, true);
+        const int p = deterministic ? j % P : 0;
+        float* const out = (p == 0 ? dq : dq_partial + (size_t)(p - 1) * BH * Nq * d) + queries_before(bh) * d;
+        flash::fast::WriteOrder order;  // chained: this warp's count, and tile j - P's
+        if (chained) {
+            order.mine = dq_progress + (size_t)tile * 4 + w;
+            if (j >= P) order.previous = order.mine - (size_t)stride * 4;
+        }
+        for (int n = 0; n < sweep.steps; ++n) {
+            const int ring_step = before + n, s = ring_step % STAGES;
+            const Stage x = stage_at(ring + s * STAGE);
+            mbar_wait(&gradients[s], (ring_step / STAGES) % 2);
+            float dQt[8] = {};
+            product_64x16(dQt, Kt_j, x.dS);  // dQ_i^T = K_j^T dS_ij^T
+            mbar_arrive(&empty[s]);
+            order.wait_turn(n);
+            write_dq(out, dQt, sweep.q0(n), Nq, softmax_scale, deterministic && j < P);
+            if (chained) {
+                __syncwarp();  // every lane's writes of step n, before lane 0 publishes them
+                order.written(n + 1);
+            }
+        }
+    });
 }
 
 }  // namespace v4
@@ -768,10 +839,11 @@ Problem random_problem(int BH, int Nq, int Nk, bool causal, unsigned seed, std::
     return p;
 }
 
-// Runs version 1, 2, 4 or 5 once, then `reps` more times between CUDA events; returns the
-// median ms and leaves dq, dk, dv in the vectors. `work` picks version 2's roles (v2::Work).
+// Runs version 1, 2, 4, 5 or 6 once, then `reps` more times between CUDA events; returns the
+// median ms and leaves dq, dk, dv in the vectors. `work` picks version 2's roles (v2::Work);
+// reversed_start makes version 6's blocks take their tiles as if started last to first.
 float run(int version, const Problem& p, std::vector<float>& dq, std::vector<float>& dk, std::vector<float>& dv,
-          int reps, v2::Work work = v2::ALL) {
+          int reps, v2::Work work = v2::ALL, bool reversed_start = false) {
     const size_t nq = (size_t)p.BH * p.Nq * d, nk = (size_t)p.BH * p.Nk * d;
     float *q, *k, *v, *dout, *L, *D, *gq, *gk, *gv;
     for (auto [ptr, n] : {std::pair{&q, nq}, {&dout, nq}, {&gq, nq}, {&k, nk}, {&v, nk}, {&gk, nk}, {&gv, nk},
@@ -783,20 +855,44 @@ float run(int version, const Problem& p, std::vector<float>& dq, std::vector<flo
     CHECK(cudaMemcpy(v, p.v.data(), nk * 4, cudaMemcpyHostToDevice));
     CHECK(cudaMemcpy(L, p.L.data(), p.L.size() * 4, cudaMemcpyHostToDevice));
     CHECK(cudaMemcpy(D, p.D.data(), p.D.size() * 4, cudaMemcpyHostToDevice));
-    const auto kernel = version == 1                   ? backward_kernel
-                        : version == 4                 ? v4::backward_kernel<false>
-                        : version == 5                 ? v4::backward_kernel<true>
-                        : work == v2::PRODUCER_ALONE   ? v2::backward_kernel<v2::PRODUCER_ALONE>
-                        : work == v2::CONSUMERS_ALONE  ? v2::backward_kernel<v2::CONSUMERS_ALONE>
-                                                       : v2::backward_kernel<v2::ALL>;
-    const size_t smem = version == 1 ? SMEM : version >= 3 ? v4::SMEM : v2::SMEM;
-    const int threads = version == 1 ? THREADS : version >= 3 ? v4::THREADS : v2::THREADS;
-    CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    const int Tc = cdiv(p.Nk, Bc), blocks = p.BH * Tc;
+    // Version 6 (deterministic): P buffers, dq and P - 1 more, as Part II's at most 4; where
+    // tiles share a buffer, 5 ints a tile (4 counters, a flag), zeroed before each launch.
+    const bool deterministic = version == 6;
+    const int P = std::min(Tc, 4);
+    const size_t progress_ints = deterministic && Tc > P ? (size_t)blocks * 5 : 0;
+    float* partial = nullptr;
+    int* progress = nullptr;
+    if (deterministic) CHECK(cudaMalloc(&partial, std::max(P - 1, 1) * nq * 4));
+    if (progress_ints) CHECK(cudaMalloc(&progress, progress_ints * 4));
+    const auto first_versions = version == 1                  ? backward_kernel
+                                : work == v2::PRODUCER_ALONE  ? v2::backward_kernel<v2::PRODUCER_ALONE>
+                                : work == v2::CONSUMERS_ALONE ? v2::backward_kernel<v2::CONSUMERS_ALONE>
+                                                              : v2::backward_kernel<v2::ALL>;
+    const auto key_tile_in_registers = version == 4 ? v4::backward_kernel<false, false>
+                                       : version == 5 ? v4::backward_kernel<true, false>
+                                                      : v4::backward_kernel<true, true>;
+    const size_t smem = version == 1 ? SMEM : version == 2 ? v2::SMEM : v4::SMEM;
+    if (version <= 2)
+        CHECK(cudaFuncSetAttribute(first_versions, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    else
+        CHECK(cudaFuncSetAttribute(key_tile_in_registers, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     auto launch = [&] {
-        CHECK(cudaMemsetAsync(gq, 0, nq * 4));
-        kernel<<<p.BH * cdiv(p.Nk, Bc), threads, smem>>>(
-            q, k, v, dout, L, D, gq, gk, gv, p.BH, p.Nq, p.Nk, 0.125f, p.causal);
+        // the default mode adds into dq = 0; the deterministic one stores each element of dq
+        // before it adds to it: NaN until then, so that a store it misses shows
+        CHECK(cudaMemsetAsync(gq, deterministic ? 0xFF : 0, nq * 4));
+        if (progress_ints) CHECK(cudaMemsetAsync(progress, 0, progress_ints * 4));
+        if (version <= 2)
+            first_versions<<<blocks, version == 1 ? THREADS : v2::THREADS, smem>>>(
+                q, k, v, dout, L, D, gq, gk, gv, p.BH, p.Nq, p.Nk, 0.125f, p.causal);
+        else
+            key_tile_in_registers<<<blocks, v4::THREADS, smem>>>(q, k, v, dout, L, D, gq, partial, progress, gk, gv,
+                                                                 p.BH, p.Nq, p.Nk, P, 0.125f, p.causal,
+                                                                 reversed_start);
         CHECK(cudaGetLastError());
+        if (deterministic)  // dq += buffers 1 .. P - 1, in that order (Part I's dq_sum_kernel)
+            CHECK(flash::tutorial::sum_dq_partials(partial, flash::Out{gq, (int64_t)p.Nq * d, 0, d, 1}, p.BH, p.Nq,
+                                                   P, Bc, p.causal, 0));
     };
     const float ms = median_ms(launch, reps);
     dq.resize(nq);
@@ -805,7 +901,8 @@ float run(int version, const Problem& p, std::vector<float>& dq, std::vector<flo
     CHECK(cudaMemcpy(dq.data(), gq, nq * 4, cudaMemcpyDeviceToHost));
     CHECK(cudaMemcpy(dk.data(), gk, nk * 4, cudaMemcpyDeviceToHost));
     CHECK(cudaMemcpy(dv.data(), gv, nk * 4, cudaMemcpyDeviceToHost));
-    for (float* x : {q, k, v, dout, L, D, gq, gk, gv}) CHECK(cudaFree(x));
+    for (float* x : {q, k, v, dout, L, D, gq, gk, gv, partial}) CHECK(cudaFree(x));
+    CHECK(cudaFree(progress));
     return ms;
 }
 
@@ -849,17 +946,54 @@ bool check(int version, int BH, int Nq, int Nk, bool causal) {
     return ok;
 }
 
+// Version 6's contract (Part II's): the same bits again, with the blocks started last to
+// first, and for one head computed alone (head 1 of 3, as a problem of its own).
+bool check_bits(int Nq, int Nk, bool causal) {
+    const Problem p = random_problem(3, Nq, Nk, causal, 99 + Nq + Nk);
+    Problem one{1, Nq, Nk, causal, {}, {}, {}, {}, {}, {}};
+    auto head1 = [](const std::vector<float>& x, std::vector<float>& y) {  // x is (3, n), y (1, n)
+        const size_t n = x.size() / 3;
+        y.assign(x.begin() + n, x.begin() + 2 * n);
+    };
+    for (auto [x, y] : {std::pair{&p.q, &one.q}, {&p.k, &one.k}, {&p.v, &one.v}, {&p.dout, &one.dout}, {&p.L, &one.L},
+                        {&p.D, &one.D}})
+        head1(*x, *y);
+    std::vector<float> out[4][3];  // runs: first, again, reversed start, head 1 alone; dq, dk, dv
+    run(6, p, out[0][0], out[0][1], out[0][2], 0);
+    run(6, p, out[1][0], out[1][1], out[1][2], 0);
+    run(6, p, out[2][0], out[2][1], out[2][2], 0, v2::ALL, true);
+    run(6, one, out[3][0], out[3][1], out[3][2], 0);
+    bool same[3] = {true, true, true};
+    for (int x = 0; x < 3; ++x) {
+        const std::vector<float>& first = out[0][x];
+        const size_t n = first.size() / 3;  // floats of one head
+        same[0] &= memcmp(out[1][x].data(), first.data(), 3 * n * 4) == 0;
+        same[1] &= memcmp(out[2][x].data(), first.data(), 3 * n * 4) == 0;
+        same[2] &= memcmp(out[3][x].data(), first.data() + n, n * 4) == 0;
+    }
+    printf("version 6 bits, BH=3 Nq=%d Nk=%d causal=%d: again %s, blocks started last to first %s, head 1 alone %s\n",
+           Nq, Nk, causal, same[0] ? "same" : "DIFFERENT", same[1] ? "same" : "DIFFERENT",
+           same[2] ? "same" : "DIFFERENT");
+    return same[0] && same[1] && same[2];
+}
+
 int main() {
     setvbuf(stdout, nullptr, _IOLBF, 0);  // each line as it is printed, should a later version hang
     if (!runs_wgmma()) return 1;
     bool ok = true;
-    for (int version : {1, 2, 4, 5}) {  // each version checked, then timed, before the next
+    float default_ms[2] = {};  // version 5's, for version 6's ratio
+    for (int version : {1, 2, 4, 5, 6}) {  // each version checked, then timed, before the next
         for (bool causal : {false, true}) {
             ok &= check(version, 2, 64, 64, causal);
             ok &= check(version, 2, 100, 37, causal);
             ok &= check(version, 2, 37, 300, causal);
             ok &= check(version, 1, 300, 130, causal);
             ok &= check(version, 3, 200, 200, causal);
+            ok &= check(version, 2, 300, 700, causal);
+            if (version == 6) {
+                ok &= check_bits(200, 300, causal);
+                ok &= check_bits(300, 700, causal);
+            }
         }
         for (bool causal : {false, true}) {
             const Problem p = random_problem(16, 4096, 4096, causal, 7);
@@ -871,6 +1005,8 @@ int main() {
             if (version == 2)
                 printf("  its producer alone %.3f ms, its consumers alone %.3f ms\n",
                        run(2, p, dq, dk, dv, 10, v2::PRODUCER_ALONE), run(2, p, dq, dk, dv, 10, v2::CONSUMERS_ALONE));
+            if (version == 5) default_ms[causal] = ms;
+            if (version == 6) printf("  deterministic / default (version 5): %.3f\n", ms / default_ms[causal]);
         }
     }
     return ok ? 0 : 1;
