@@ -27,6 +27,10 @@
 
 #include "../flash_attention.cu"  // version 2: Part III's mbarrier, barrier and register helpers
 #include "wgmma.cuh"
+#include "layouts.cuh"
+
+using flash::Rows;
+using flash::Tensor4;
 
 constexpr int d = 64, Bc = 64, BQ = 32;  // head dim, keys of a block, queries of a step
 constexpr int THREADS = 128;             // one warpgroup
@@ -128,7 +132,7 @@ __device__ __forceinline__ void store_transposed(const Operand& B, const float (
 // Line 15's sum: dQ_i += scale (dQ_i^T)^T, from dQ_i^T's accumulator fragment (64 x queries
 // q0 ..), by atomics; or, store, dQ_i = scale (dQ_i^T)^T (a deterministic buffer's first writer).
 template <int F>
-__device__ __forceinline__ void write_dq(float* dq, const float (&dQt)[F], int q0, int Nq, float softmax_scale,
+__device__ __forceinline__ void write_dq(Rows<float> dq, const float (&dQt)[F], int q0, int Nq, float softmax_scale,
                                          bool store) {
     const int w = threadIdx.x % 128 / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
 #pragma unroll
@@ -137,7 +141,7 @@ __device__ __forceinline__ void write_dq(float* dq, const float (&dQt)[F], int q
         for (int e = 0; e < 4; ++e) {
             const int col = 16 * w + g + 8 * (e / 2), query = q0 + 8 * n + 2 * t + e % 2;
             if (query >= Nq) continue;
-            float* const out = dq + (size_t)query * d + col;
+            float* const out = dq[query] + col;
             if (store) *out = softmax_scale * dQt[4 * n + e];
             else atomicAdd(out, softmax_scale * dQt[4 * n + e]);
         }
@@ -250,7 +254,7 @@ backward_kernel(const float* q, const float* k, const float* v, const float* dou
         __syncthreads();
         float dQt[16];
         product_64xN(dQt, Kt_j, dS_ij);
-        write_dq(dq, dQt, q0, Nq, softmax_scale, false);
+        write_dq(Rows<float>{dq, d}, dQt, q0, Nq, softmax_scale, false);
     }
     // line 18: dK_j (times the scale), dV_j; zero for keys no query sees
 #pragma unroll
@@ -300,13 +304,20 @@ __device__ __forceinline__ Stage stage_at(float* base) {
 }
 
 // Starts copying rows row0 .. row0 + BQ - 1 of x (zeros from N on) into raw (tid: 0 .. 127).
-__device__ __forceinline__ void load_rows_async(float* raw, const float* x, int row0, int N, int tid) {
+__device__ __forceinline__ void load_rows_async(float* raw, Rows<const float> x, int row0, int N, int tid) {
     for (int f = tid; f < BQ * 16; f += 128) {
         const int r = f / 16, c = 4 * (f % 16);
         const bool inside = row0 + r < N;
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(raw + r * RAW_STRIDE + c)),
-                     "l"(x + (size_t)(inside ? row0 + r : 0) * d + c), "r"(inside ? 16 : 0));
+                     "l"(x[inside ? row0 + r : 0] + c), "r"(inside ? 16 : 0));
     }
+}
+
+// x, or 0 where contain and x is a NaN or an Inf (dropped records that).
+__device__ __forceinline__ float contained(float x, bool contain, bool& dropped) {
+    const bool drop = contain && !isfinite(x);
+    dropped |= drop;
+    return drop ? 0.f : x;
 }
 
 // Which query of a step sits at K position p of Q_i^T, dO_i^T (the inverse of position_of).
@@ -329,19 +340,20 @@ __device__ __forceinline__ void store_split4(const Operand& X, int v, float4 x) 
 // source, so a warp's stores land 64 or 32 floats apart: 4- and 8-way bank conflicts, about
 // 1,500 store wavefronts a step. This one walks the destination, four floats a thread:
 // every store is a whole 16-byte vector of consecutive floats, and the loads from the
-// padded raw rows are conflict-free too. Thread tid of the producer's 128.
-__device__ __forceinline__ void stage_operands(const Operand& X, const Operand& Xt, const float* raw, int tid) {
+// padded raw rows are conflict-free too. Thread tid of the producer's 128. contain: X^T's
+// NaN and Inf are staged as 0; returns whether the thread dropped any.
+__device__ __forceinline__ bool stage_operands(const Operand& X, const Operand& Xt, const float* raw, int tid,
+                                               bool contain) {
+    bool dropped = false;
     for (int v = tid; v < BQ * d / 4; v += 128) {
         // X: floats 4v .. 4v + 3 are (r, k0 .. k0 + 3), r = v % 16, k0 = 4 (v / 16) (kgroup_major)
         const float4 x = *reinterpret_cast<const float4*>(raw + (v % BQ) * RAW_STRIDE + 4 * (v / BQ));
         // X^T: floats 4v .. 4v + 3 are (r, 4g .. 4g + 3), r = v % 64, g = v / 64
-        const float4 y = make_float4(raw[query_at(4 * (v / d)) * RAW_STRIDE + v % d],
-                                     raw[query_at(4 * (v / d) + 1) * RAW_STRIDE + v % d],
-                                     raw[query_at(4 * (v / d) + 2) * RAW_STRIDE + v % d],
-                                     raw[query_at(4 * (v / d) + 3) * RAW_STRIDE + v % d]);
+        auto at = [&](int e) { return contained(raw[query_at(4 * (v / d) + e) * RAW_STRIDE + v % d], contain, dropped); };
         store_split4(X, v, x);
-        store_split4(Xt, v, y);
+        store_split4(Xt, v, make_float4(at(0), at(1), at(2), at(3)));
     }
+    return dropped;
 }
 
 // Line 8's sweep of key tile j in steps of BQ queries: step n covers the queries q0(n) ..
@@ -364,11 +376,14 @@ __device__ __forceinline__ Sweep sweep_of(int j, int Nq, bool causal, bool desce
 // it (empty), stages Q_i, dO_i, Q_i^T, dO_i^T split and L_i, D_i, and hands it over (full).
 // stage = false hands the stages over untouched (CONSUMERS_ALONE); linear stages with
 // stage_operands, else walking the source, one element a thread (versions 2 and 4). The
-// ring has already carried `before` steps (of the block's earlier key tiles).
-template <int stages, bool stage, bool linear, typename StageAt>
+// ring has already carried `before` steps (of the block's earlier key tiles). containment
+// (versions 4 to 6): the steps with q0 < contain_below (a causal diagonal) stage Q_i^T's
+// and dO_i^T's NaN and Inf as 0 and say so in the stage's `nonfinite` (see v4).
+template <int stages, bool stage, bool linear, bool containment = false, typename StageAt>
 __device__ __forceinline__ void produce(StageAt stage_at, uint64_t* full, uint64_t* empty, float* raw_Q,
-                                        float* raw_dO, const float* q, const float* dout, const float* L,
-                                        const float* D, Sweep sweep, int before, int Nq, int tid) {
+                                        float* raw_dO, Rows<const float> q, Rows<const float> dout, const float* L,
+                                        const float* D, Sweep sweep, int before, int Nq, int tid,
+                                        int contain_below = 0) {
     if (stage && sweep.steps > 0) {
         load_rows_async(raw_Q, q, sweep.q0(0), Nq, tid);
         load_rows_async(raw_dO, dout, sweep.q0(0), Nq, tid);
@@ -381,21 +396,33 @@ __device__ __forceinline__ void produce(StageAt stage_at, uint64_t* full, uint64
         warpgroup_sync<1>();                           // the raw rows of step n landed
         mbar_wait(&empty[s], (ring_step / stages + 1) % 2);  // ring step - stages is done with stage s
         if (stage) {
+            const bool contain = containment && q0 < contain_below;
+            bool dropped_Q = false, dropped_dO = false;
             if (linear) {
-                stage_operands(x.Q, x.Qt, raw_Q, tid);
-                stage_operands(x.dO, x.dOt, raw_dO, tid);
+                dropped_Q = stage_operands(x.Q, x.Qt, raw_Q, tid, contain);
+                dropped_dO = stage_operands(x.dO, x.dOt, raw_dO, tid, contain);
             } else {
                 for (int f = tid; f < BQ * d; f += 128) {  // Q_i, dO_i; Q_i^T, dO_i^T in position_of order
                     const int r = f / d, c = f % d;
                     const float a = raw_Q[r * RAW_STRIDE + c], b = raw_dO[r * RAW_STRIDE + c];
                     x.Q.store(r, c, a);
                     x.dO.store(r, c, b);
-                    x.Qt.store(c, position_of(r), a);
-                    x.dOt.store(c, position_of(r), b);
+                    x.Qt.store(c, position_of(r), contained(a, contain, dropped_Q));
+                    x.dOt.store(c, position_of(r), contained(b, contain, dropped_dO));
                 }
             }
             if (tid < BQ) x.L[tid] = q0 + tid < Nq ? L[q0 + tid] : 0.f;
             else if (tid < 2 * BQ) x.D[tid - BQ] = q0 + tid - BQ < Nq ? D[q0 + tid - BQ] : 0.f;
+            if constexpr (containment) {
+                if (contain) {  // warpgroup_any: a barrier of the producer's warpgroup
+                    dropped_Q = flash::hopper::warpgroup_any<1>(dropped_Q);
+                    dropped_dO = flash::hopper::warpgroup_any<1>(dropped_dO);
+                    if (tid == 0) {
+                        x.nonfinite[0] = dropped_Q;
+                        x.nonfinite[1] = dropped_dO;
+                    }
+                }
+            }
             fence_proxy_async();
         }
         mbar_arrive(&full[s]);
@@ -447,7 +474,8 @@ backward_kernel(const float* q, const float* k, const float* v, const float* dou
     if (wg == 0) {  // the producer
         flash::hopper::registers_down<40>();
         produce<STAGES, work != CONSUMERS_ALONE, false>([&](int s) { return stage_at(ring + s * STAGE); }, full, empty,
-                                                        raw_Q, raw_dO, q, dout, L, D, sweep, 0, Nq, tid);
+                                                        raw_Q, raw_dO, Rows<const float>{q, d},
+                                                        Rows<const float>{dout, d}, L, D, sweep, 0, Nq, tid);
         return;
     }
     // consumer c: lines 10-16 for its steps, then line 18 with the other consumer's sums
@@ -492,7 +520,7 @@ backward_kernel(const float* q, const float* k, const float* v, const float* dou
         else warpgroup_sync<3>();
         float dQt[8];
         product_64xN(dQt, Kt_j, dS_ij);
-        write_dq(dq, dQt, q0, Nq, softmax_scale, false);
+        write_dq(Rows<float>{dq, d}, dQt, q0, Nq, softmax_scale, false);
     }
     // line 18: consumer 1 hands its sums over through the ring (both consumers are past their
     // last reads of it), consumer 0 adds them and writes dK_j (times the scale), dV_j.
@@ -533,24 +561,39 @@ backward_kernel(const float* q, const float* k, const float* v, const float* dou
 // m64n16 products then read 512 bytes of shared memory each, and a step moves about 124 KB.
 // The producer is version 2's. Barriers per stage: full (producer -> 1, 2), scores (1 -> 2),
 // gradients (2 -> 3), empty (1, 2, 3 -> producer).
+// Versions 4 to 6 take what Part III's backward must: q, k, v, dout, dq, dk, dv with any
+// batch, head and row strides (Tensor4: rows of 64 contiguous floats, 16-byte aligned), L
+// and D contiguous, any Nq and Nk, and NaN and Inf where they are:
+// NaN containment (causal). A step on key tile j's diagonal (q0 < (j + 1) Bc - 1) holds
+// pairs hidden from each other, and 0 x Inf is NaN: a NaN or an Inf must reach exactly the
+// rows and columns that see it (flash_attention.cu, Part I). S^T and dP^T need nothing, as
+// P^T and dS^T replace their hidden entries by 0 rather than multiply them. The products
+// that multiply hidden zeros into an operand are dV_j += P^T dO_i (B = dO_i^T), dK_j += dS^T
+// Q_i (B = Q_i^T) and dQ_i^T = K_j^T dS^T (A = K_j^T). So on diagonal steps the producer
+// stages the NaN and Inf of Q_i^T and dO_i^T as 0 and flags the stage, and the dQ consumer
+// holds those of K_j^T as 0 for the whole tile; a consumer that meets a flag adds, pair by
+// visible pair, the products it left out, each value read from global memory (as Part III's
+// forward does with V).
 namespace v4 {
 using flash::hopper::mbar_arrive;
 using flash::hopper::mbar_init;
 using flash::hopper::mbar_wait;
 using flash::hopper::warpgroup_sync;
 using v2::BQ;
+using v2::contained;
 using v2::QUERY_OPERAND;
 using v2::RAW_STRIDE;
 using v2::produce;
 
 constexpr int STAGES = 4, THREADS = 512;
-constexpr int STAGE = 8 * QUERY_OPERAND + 2 * BQ * 64 + 64 * BQ + 2 * BQ;  // Q, dO, Q^T, dO^T; dS; P; L_i, D_i
+constexpr int STAGE = 8 * QUERY_OPERAND + 2 * BQ * 64 + 64 * BQ + 2 * BQ + 32;  // Q, dO, Q^T, dO^T; dS; P; L_i, D_i; flags
 constexpr size_t SMEM = (STAGES * STAGE + 2 * BQ * RAW_STRIDE) * sizeof(float) + 4 * STAGES * sizeof(uint64_t);
 static_assert(SMEM <= 227 * 1024, "one block per SM");
 
 struct Stage {
     Operand Q, dO, Qt, dOt, dS;
     float *P, *L, *D;
+    int* nonfinite;  // a diagonal step's flags: [0] Q_i^T, [1] dO_i^T held a NaN or Inf (staged as 0)
 };
 __device__ __forceinline__ Stage stage_at(float* base) {
     float* dS = base + 8 * QUERY_OPERAND;
@@ -561,7 +604,7 @@ __device__ __forceinline__ Stage stage_at(float* base) {
                  Operand{base + 4 * QUERY_OPERAND, base + 5 * QUERY_OPERAND, d, BQ},
                  Operand{base + 6 * QUERY_OPERAND, base + 7 * QUERY_OPERAND, d, BQ},
                  Operand{dS, dS + BQ * 64, BQ, 64},
-                 P, L, L + BQ};
+                 P, L, L + BQ, reinterpret_cast<int*>(L + 2 * BQ)};
 }
 
 // D (64 x 16) += A B^T, A from registers (the mma.sync m16n8k8 A fragment, per warp).
@@ -575,12 +618,15 @@ __device__ __forceinline__ void wgmma_rs16(float (&d)[8], const uint32_t (&a)[4]
 }
 
 // A key-tile operand (64 rows x K = 64), split, as wgmma's A fragments for its 8 k-steps:
-// A[r][c] = x[(row0 + r) * d + c], or x[(row0 + c) * d + r] transposed; zeros from row N on.
+// A[r][c] = x[row0 + r][c], or x[row0 + c][r] transposed; zeros from row N on. contain: NaN
+// and Inf become 0 too; returns whether any of the thread's did.
 struct Fragments {
     uint32_t big[8][4], small[8][4];
 };
-__device__ __forceinline__ void load_fragments(Fragments& A, const float* x, int row0, int N, bool transposed) {
+__device__ __forceinline__ bool load_fragments(Fragments& A, Rows<const float> x, int row0, int N, bool transposed,
+                                               bool contain) {
     const int w = threadIdx.x % 128 / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+    bool dropped = false;
 #pragma unroll
     for (int s = 0; s < 8; ++s)
 #pragma unroll
@@ -588,10 +634,11 @@ __device__ __forceinline__ void load_fragments(Fragments& A, const float* x, int
             const int r = 16 * w + g + 8 * (e % 2), c = 8 * s + t + 4 * (e / 2);
             const int row = row0 + (transposed ? c : r), col = transposed ? r : c;
             float b, sm;
-            split(row < N ? x[(size_t)row * d + col] : 0.f, b, sm);
+            split(contained(row < N ? x[row][col] : 0.f, contain, dropped), b, sm);
             A.big[s][e] = __float_as_uint(b);
             A.small[s][e] = __float_as_uint(sm);
         }
+    return dropped;
 }
 
 // D (64 x 16) = A B^T in 3xTF32 over K = 64, A from registers, the small cross terms first.
@@ -623,15 +670,70 @@ __device__ __forceinline__ void accumulate_64x64(float (&D)[32], const float (&X
 }
 
 // Line 18 for one of dK_j, dV_j (a 64 x 64 accumulator), times `scale`; keys from Nk on are not written.
-__device__ __forceinline__ void write_key_rows(float* out, const float (&X)[32], int j, int Nk, float scale) {
+__device__ __forceinline__ void write_key_rows(Rows<float> out, const float (&X)[32], int j, int Nk, float scale) {
     const int w = threadIdx.x % 128 / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
 #pragma unroll
     for (int n = 0; n < 8; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const int key = j * Bc + 16 * w + g + 8 * (e / 2), col = 8 * n + 2 * t + e % 2;
-            if (key < Nk) out[(size_t)key * d + col] = scale * X[4 * n + e];
+            if (key < Nk) out[key][col] = scale * X[4 * n + e];
         }
+}
+
+// Whether query `query` sees key `key`: Part I's mask, and no query from Nq on sees any.
+__device__ __forceinline__ bool sees(int query, int key, int Nq, int Nk, bool causal) {
+    return query < Nq && !flash::masked(query, key, Nk, causal);
+}
+// Operand B of a step's element (r, k), big + small: the value that was split, exactly.
+__device__ __forceinline__ float value_at(const Operand& B, int r, int k) {
+    const int at = element_at(kgroup_major, r, k, B.rows, B.K);
+    return B.big[at] + B.small[at];
+}
+
+// The rare path of lines 12 and 16 on a flagged diagonal step: acc (dV_j or dK_j, keys x d)
+// += C^T X over the visible pairs where X (dO_i or Q_i, from global memory) is a NaN or an
+// Inf. c_at(k, r): C^T (P^T or dS^T) at the tile's key row k and the step's query r.
+template <typename CAt>
+__device__ __forceinline__ void add_nonfinite_rows(float (&acc)[32], Rows<const float> X, CAt c_at, int j, int q0,
+                                                   int Nq, int Nk, bool causal) {
+    const int w = threadIdx.x % 128 / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+    for (int r = 0; r < BQ && q0 + r < Nq; ++r) {
+        bool seen[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) seen[h] = sees(q0 + r, j * Bc + 16 * w + g + 8 * h, Nq, Nk, causal);
+        if (!seen[0] && !seen[1]) continue;
+#pragma unroll
+        for (int c = 0; c < 16; ++c) {  // the thread's columns 8 (c / 2) + 2t + c % 2
+            const float x = X[q0 + r][8 * (c / 2) + 2 * t + c % 2];
+            if (isfinite(x)) continue;
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+                if (seen[h]) acc[4 * (c / 2) + 2 * h + c % 2] += c_at(16 * w + g + 8 * h, r) * x;
+        }
+    }
+}
+// The rare path of line 15 where K_j held a NaN or an Inf (causal; held as 0 in K_j^T):
+// dQ_i^T (d x queries) += K_j^T dS^T over the visible pairs where K_j (from global memory)
+// is not finite.
+__device__ __forceinline__ void add_nonfinite_keys(float (&dQt)[8], Rows<const float> K, const Operand& dS, int j,
+                                                   int q0, int Nq, int Nk, bool causal) {
+    const int w = threadIdx.x % 128 / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+    for (int c = 0; c < Bc && j * Bc + c < Nk; ++c) {
+        const int key = j * Bc + c;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {  // the thread's rows of dQ_i^T: columns 16w + g + 8h of K_j
+            const float x = K[key][16 * w + g + 8 * h];
+            if (isfinite(x)) continue;
+#pragma unroll
+            for (int n = 0; n < 2; ++n)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int r = 8 * n + 2 * t + e;
+                    if (sees(q0 + r, key, Nq, Nk, causal)) dQt[4 * n + 2 * h + e] += value_at(dS, r, c) * x;
+                }
+        }
+    }
 }
 
 // One block per (key tile j, head bh), as versions 1 and 2. Version 4 stages with version
@@ -647,9 +749,9 @@ __device__ __forceinline__ void write_key_rows(float* out, const float (&X)[32],
 // tiles as if the GPU started them last to first. Part I's dq_sum_kernel adds the buffers.
 template <bool linear_staging, bool deterministic>
 __global__ void __launch_bounds__(THREADS, 1)
-backward_kernel(const float* q, const float* k, const float* v, const float* dout, const float* L, const float* D,
-                float* dq, float* dq_partial, int* dq_progress, float* dk, float* dv, int BH, int Nq, int Nk, int P,
-                float softmax_scale, bool causal, bool reversed_start) {
+backward_kernel(flash::In q, flash::In k, flash::In v, flash::In dout, const float* L, const float* D,
+                flash::Out dq, float* dq_partial, int* dq_progress, flash::Out dk, flash::Out dv, int BH, int Nq,
+                int Nk, int P, float softmax_scale, bool causal, bool reversed_start) {
     extern __shared__ __align__(128) float smem[];
     float* ring = smem;
     float* raw_Q = ring + STAGES * STAGE;
@@ -686,17 +788,16 @@ backward_kernel(const float* q, const float* k, const float* v, const float* dou
             before += sweep.steps;
         }
     };
-    // The rows before head bh's: query rows (q, dout, dq, L, D) and key rows (k, v, dk, dv).
-    auto queries_before = [&](int bh) { return (size_t)bh * Nq; };
-    auto keys_before = [&](int bh) { return (size_t)bh * Nk; };
+    // Whether step q0 of key tile j is on its causal diagonal (holds hidden pairs).
+    auto diagonal = [&](int j, int q0) { return causal && q0 < (j + 1) * Bc - 1; };
 
     if (wg == 0) {  // the producer: version 2's, with stage_operands in versions 5 and 6
         flash::hopper::registers_down<40>();
-        for_each_tile([&](int, int, int bh, v2::Sweep sweep, int before) {
-            const size_t rows = queries_before(bh);
-            produce<STAGES, true, linear_staging>([&](int s) { return stage_at(ring + s * STAGE); }, full, empty, raw_Q,
-                                                  raw_dO, q + rows * d, dout + rows * d, L + rows, D + rows, sweep,
-                                                  before, Nq, tid);
+        for_each_tile([&](int, int j, int bh, v2::Sweep sweep, int before) {
+            produce<STAGES, true, linear_staging, true>([&](int s) { return stage_at(ring + s * STAGE); }, full, empty,
+                                                        raw_Q, raw_dO, q.head(bh), dout.head(bh), L + (size_t)bh * Nq,
+                                                        D + (size_t)bh * Nq, sweep, before, Nq, tid,
+                                                        causal ? (j + 1) * Bc - 1 : 0);
         });
         return;
     }
@@ -705,7 +806,7 @@ backward_kernel(const float* q, const float* k, const float* v, const float* dou
         const float scale_log2 = softmax_scale * LOG2E;
         for_each_tile([&](int, int j, int bh, v2::Sweep sweep, int before) {
             Fragments K_j;  // line 6
-            load_fragments(K_j, k + keys_before(bh) * d, j * Bc, Nk, false);
+            load_fragments(K_j, k.head(bh), j * Bc, Nk, false, false);
             float dV_j[32] = {};  // line 7
             for (int n = 0; n < sweep.steps; ++n) {
                 const int ring_step = before + n, s = ring_step % STAGES, q0 = sweep.q0(n);
@@ -716,16 +817,22 @@ backward_kernel(const float* q, const float* k, const float* v, const float* dou
 #pragma unroll
                 for (int e = 0; e < 8; ++e) {
                     const int key = j * Bc + 16 * w + g + 8 * (e % 4 / 2), col = 8 * (e / 4) + 2 * t + e % 2;
-                    const int query = q0 + col;
-                    const bool hidden = query >= Nq || key >= Nk || (causal && key > query);
-                    S[e] = hidden ? 0.f : exp2f(S[e] * scale_log2 - x.L[col] * LOG2E);
+                    S[e] = sees(q0 + col, key, Nq, Nk, causal) ? exp2f(S[e] * scale_log2 - x.L[col] * LOG2E) : 0.f;
                     x.P[e * 128 + tid] = S[e];
                 }
                 mbar_arrive(&scores[s]);
                 accumulate_64x64(dV_j, S, x.dOt);  // line 12: dV_j += P_ij^T dO_i
+                if (diagonal(j, q0) && x.nonfinite[1]) {  // the rare path: dO_i held a NaN or Inf
+                    __syncwarp();                         // the warp's P^T, all 16 queries of its keys
+                    auto P_at = [&](int key, int r) {     // as thread (key, r) stored it above
+                        return x.P[(4 * (r / 8) + 2 * (key / 8 % 2) + r % 2) * 128 + 32 * (key / 16) + 4 * (key % 8) +
+                                   r % 8 / 2];
+                    };
+                    add_nonfinite_rows(dV_j, dout.head(bh), P_at, j, q0, Nq, Nk, causal);
+                }
                 mbar_arrive(&empty[s]);
             }
-            write_key_rows(dv + keys_before(bh) * d, dV_j, j, Nk, 1.f);
+            write_key_rows(dv.head(bh), dV_j, j, Nk, 1.f);
         });
         return;
     }
@@ -733,49 +840,56 @@ backward_kernel(const float* q, const float* k, const float* v, const float* dou
         flash::hopper::registers_up<168>();
         for_each_tile([&](int, int j, int bh, v2::Sweep sweep, int before) {
             Fragments V_j;
-            load_fragments(V_j, v + keys_before(bh) * d, j * Bc, Nk, false);
+            load_fragments(V_j, v.head(bh), j * Bc, Nk, false, false);
             float dK_j[32] = {};
             for (int n = 0; n < sweep.steps; ++n) {
-                const int ring_step = before + n, s = ring_step % STAGES;
+                const int ring_step = before + n, s = ring_step % STAGES, q0 = sweep.q0(n);
                 const Stage x = stage_at(ring + s * STAGE);
                 mbar_wait(&full[s], (ring_step / STAGES) % 2);
                 float dP[8] = {};
                 product_64x16(dP, V_j, x.dO);  // line 13: dP_ij^T = V_j dO_i^T
                 mbar_wait(&scores[s], (ring_step / STAGES) % 2);
 #pragma unroll
-                for (int e = 0; e < 8; ++e)  // line 14: dS_ij^T = P_ij^T (dP_ij^T - D_i)
-                    dP[e] = x.P[e * 128 + tid] * (dP[e] - x.D[8 * (e / 4) + 2 * t + e % 2]);
+                for (int e = 0; e < 8; ++e) {  // line 14: dS_ij^T = P_ij^T (dP_ij^T - D_i), 0 where hidden
+                    const int key = j * Bc + 16 * w + g + 8 * (e % 4 / 2), col = 8 * (e / 4) + 2 * t + e % 2;
+                    dP[e] = sees(q0 + col, key, Nq, Nk, causal) ? x.P[e * 128 + tid] * (dP[e] - x.D[col]) : 0.f;
+                }
                 store_transposed(x.dS, dP);  // dS_ij as B of line 15 (rows = queries, K = keys)
                 fence_proxy_async();
                 mbar_arrive(&gradients[s]);
                 accumulate_64x64(dK_j, dP, x.Qt);  // line 16: dK_j += dS_ij^T Q_i
+                if (diagonal(j, q0) && x.nonfinite[0]) {  // the rare path: Q_i held a NaN or Inf
+                    __syncwarp();                         // the warp's dS, all 16 queries of its keys
+                    auto dS_at = [&](int key, int r) { return value_at(x.dS, r, key); };
+                    add_nonfinite_rows(dK_j, q.head(bh), dS_at, j, q0, Nq, Nk, causal);
+                }
                 mbar_arrive(&empty[s]);
             }
-            write_key_rows(dk + keys_before(bh) * d, dK_j, j, Nk, softmax_scale);
+            write_key_rows(dk.head(bh), dK_j, j, Nk, softmax_scale);
         });
         return;
     }
     // dQ: line 15, into dq by atomics, or (deterministic) into buffer j mod P in its turn
     flash::hopper::registers_up<136>();
     for_each_tile([&](int tile, int j, int bh, v2::Sweep sweep, int before) {
-        Fragments Kt_j;
-        load_fragments(Kt_j, k + keys_before(bh) * d, j * Bc, Nk, true);
-        const int p = deterministic ? j % P : 0;
-        float* const out = (p == 0 ? dq : dq_partial + (size_t)(p - 1) * BH * Nq * d) + queries_before(bh) * d;
+        Fragments Kt_j;  // causal: K_j's NaN and Inf held as 0 (the warp's columns of K_j)
+        const bool nonfinite_K = __any_sync(0xffffffffu, load_fragments(Kt_j, k.head(bh), j * Bc, Nk, true, causal));
+        const Rows<float> out = flash::dq_buffer(dq, dq_partial, deterministic ? j % P : 0, bh, BH, Nq);
         flash::fast::WriteOrder order;  // chained: this warp's count, and tile j - P's
         if (chained) {
             order.mine = dq_progress + (size_t)tile * 4 + w;
             if (j >= P) order.previous = order.mine - (size_t)stride * 4;
         }
         for (int n = 0; n < sweep.steps; ++n) {
-            const int ring_step = before + n, s = ring_step % STAGES;
+            const int ring_step = before + n, s = ring_step % STAGES, q0 = sweep.q0(n);
             const Stage x = stage_at(ring + s * STAGE);
             mbar_wait(&gradients[s], (ring_step / STAGES) % 2);
             float dQt[8] = {};
             product_64x16(dQt, Kt_j, x.dS);  // dQ_i^T = K_j^T dS_ij^T
+            if (nonfinite_K) add_nonfinite_keys(dQt, k.head(bh), x.dS, j, q0, Nq, Nk, causal);  // the rare path
             mbar_arrive(&empty[s]);
             order.wait_turn(n);
-            write_dq(out, dQt, sweep.q0(n), Nq, softmax_scale, deterministic && j < P);
+            write_dq(out, dQt, q0, Nq, softmax_scale, deterministic && j < P);
             if (chained) {
                 __syncwarp();  // every lane's writes of step n, before lane 0 publishes them
                 order.written(n + 1);
@@ -792,10 +906,17 @@ struct Problem {
     int BH, Nq, Nk;
     bool causal;
     std::vector<float> q, k, v, dout, L, D;  // (BH, N, 64); L, D (BH, Nq), from float64
+    bool bnhd = false;  // versions 4 to 6: all seven tensors as (B, N, H, 64), H = 2 (layouts.cuh)
 };
 
+// What random_problem puts into head 0: a NaN or an Inf at column 7 of key Nk - 1 (V, K) or
+// of query Nq / 2 (Q, dO), before L and D are computed from the inputs.
+enum Poison { CLEAN, NAN_V, INF_V, NAN_K, NAN_Q, NAN_DO };
+const char* const POISONED[] = {"", ", NaN in V", ", Inf in V", ", NaN in K", ", NaN in Q", ", NaN in dO"};
+
 // Random q, k, v, dout; L and D from the forward in float64 (the backward's inputs).
-Problem random_problem(int BH, int Nq, int Nk, bool causal, unsigned seed, std::vector<double>* O64 = nullptr) {
+Problem random_problem(int BH, int Nq, int Nk, bool causal, unsigned seed, std::vector<double>* O64 = nullptr,
+                       Poison poison = CLEAN) {
     srand(seed);
     Problem p{BH, Nq, Nk, causal, {}, {}, {}, {}, {}, {}};
     auto fill = [](std::vector<float>& x, size_t n) {
@@ -809,6 +930,12 @@ Problem random_problem(int BH, int Nq, int Nk, bool causal, unsigned seed, std::
     fill(p.k, (size_t)BH * Nk * d);
     fill(p.v, (size_t)BH * Nk * d);
     fill(p.dout, (size_t)BH * Nq * d);
+    const size_t key = (size_t)(Nk - 1) * d + 7, query = (size_t)(Nq / 2) * d + 7;
+    if (poison == NAN_V) p.v[key] = NAN;
+    if (poison == INF_V) p.v[key] = INFINITY;
+    if (poison == NAN_K) p.k[key] = NAN;
+    if (poison == NAN_Q) p.q[query] = NAN;
+    if (poison == NAN_DO) p.dout[query] = NAN;
     p.L.assign((size_t)BH * Nq, 0.f);
     p.D.assign((size_t)BH * Nq, 0.f);
     if (O64) O64->assign((size_t)BH * Nq * d, 0.0);
@@ -829,7 +956,8 @@ Problem random_problem(int BH, int Nq, int Nk, bool causal, unsigned seed, std::
             double dsum = 0;
             for (int e = 0; e < d; ++e) {
                 double o = 0;
-                for (int c = 0; c < Nk; ++c) o += s[c] / sum * p.v[((size_t)bh * Nk + c) * d + e];
+                for (int c = 0; c < Nk; ++c)
+                    if (!(causal && c > r)) o += s[c] / sum * p.v[((size_t)bh * Nk + c) * d + e];  // hidden: no term
                 if (O64) (*O64)[((size_t)bh * Nq + r) * d + e] = o;
                 dsum += (double)p.dout[((size_t)bh * Nq + r) * d + e] * (float)o;
             }
@@ -849,10 +977,15 @@ float run(int version, const Problem& p, std::vector<float>& dq, std::vector<flo
     for (auto [ptr, n] : {std::pair{&q, nq}, {&dout, nq}, {&gq, nq}, {&k, nk}, {&v, nk}, {&gk, nk}, {&gv, nk},
                           {&L, (size_t)p.BH * p.Nq}, {&D, (size_t)p.BH * p.Nq}})
         CHECK(cudaMalloc(ptr, n * 4));
-    CHECK(cudaMemcpy(q, p.q.data(), nq * 4, cudaMemcpyHostToDevice));
-    CHECK(cudaMemcpy(dout, p.dout.data(), nq * 4, cudaMemcpyHostToDevice));
-    CHECK(cudaMemcpy(k, p.k.data(), nk * 4, cudaMemcpyHostToDevice));
-    CHECK(cudaMemcpy(v, p.v.data(), nk * 4, cudaMemcpyHostToDevice));
+    // versions 1 and 2 read contiguous (B * H, N, 64) tensors; 4 to 6 any Tensor4
+    const bool bnhd = p.bnhd && version >= 4;
+    const Tensor4<float> Q = layout(q, p.Nq, bnhd), dO = layout(dout, p.Nq, bnhd), K = layout(k, p.Nk, bnhd),
+                         V = layout(v, p.Nk, bnhd), dQ = layout(gq, p.Nq, bnhd), dK = layout(gk, p.Nk, bnhd),
+                         dV = layout(gv, p.Nk, bnhd);
+    to_gpu(Q, p.q, p.BH, p.Nq);
+    to_gpu(dO, p.dout, p.BH, p.Nq);
+    to_gpu(K, p.k, p.BH, p.Nk);
+    to_gpu(V, p.v, p.BH, p.Nk);
     CHECK(cudaMemcpy(L, p.L.data(), p.L.size() * 4, cudaMemcpyHostToDevice));
     CHECK(cudaMemcpy(D, p.D.data(), p.D.size() * 4, cudaMemcpyHostToDevice));
     const int Tc = cdiv(p.Nk, Bc), blocks = p.BH * Tc;
@@ -886,30 +1019,29 @@ float run(int version, const Problem& p, std::vector<float>& dq, std::vector<flo
             first_versions<<<blocks, version == 1 ? THREADS : v2::THREADS, smem>>>(
                 q, k, v, dout, L, D, gq, gk, gv, p.BH, p.Nq, p.Nk, 0.125f, p.causal);
         else
-            key_tile_in_registers<<<blocks, v4::THREADS, smem>>>(q, k, v, dout, L, D, gq, partial, progress, gk, gv,
-                                                                 p.BH, p.Nq, p.Nk, P, 0.125f, p.causal,
-                                                                 reversed_start);
+            key_tile_in_registers<<<blocks, v4::THREADS, smem>>>(in(Q), in(K), in(V), in(dO), L, D, dQ, partial,
+                                                                 progress, dK, dV, p.BH, p.Nq, p.Nk, P, 0.125f,
+                                                                 p.causal, reversed_start);
         CHECK(cudaGetLastError());
         if (deterministic)  // dq += buffers 1 .. P - 1, in that order (Part I's dq_sum_kernel)
-            CHECK(flash::tutorial::sum_dq_partials(partial, flash::Out{gq, (int64_t)p.Nq * d, 0, d, 1}, p.BH, p.Nq,
-                                                   P, Bc, p.causal, 0));
+            CHECK(flash::tutorial::sum_dq_partials(partial, dQ, p.BH, p.Nq, P, Bc, p.causal, 0));
     };
     const float ms = median_ms(launch, reps);
-    dq.resize(nq);
-    dk.resize(nk);
-    dv.resize(nk);
-    CHECK(cudaMemcpy(dq.data(), gq, nq * 4, cudaMemcpyDeviceToHost));
-    CHECK(cudaMemcpy(dk.data(), gk, nk * 4, cudaMemcpyDeviceToHost));
-    CHECK(cudaMemcpy(dv.data(), gv, nk * 4, cudaMemcpyDeviceToHost));
+    from_gpu(dq, dQ, p.BH, p.Nq);
+    from_gpu(dk, dK, p.BH, p.Nk);
+    from_gpu(dv, dV, p.BH, p.Nk);
     for (float* x : {q, k, v, dout, L, D, gq, gk, gv, partial}) CHECK(cudaFree(x));
     CHECK(cudaFree(progress));
     return ms;
 }
 
-// max |dX - dX64| for dQ, dK, dV against Algorithm 2 in float64 (Part II's errors: ~1e-6 to 1e-5).
-bool check(int version, int BH, int Nq, int Nk, bool causal) {
+// max |dX - dX64| for dQ, dK, dV against Algorithm 2 in float64 (Part II's errors: ~1e-6 to
+// 1e-5). Where the float64 gradient is a NaN or an Inf the kernel's must be one too, and
+// nowhere else: a bad input reaches exactly the rows that see it.
+bool check(int version, int BH, int Nq, int Nk, bool causal, Poison poison = CLEAN, bool bnhd = false) {
     std::vector<double> O64;
-    const Problem p = random_problem(BH, Nq, Nk, causal, 4321 + Nq + Nk, &O64);
+    Problem p = random_problem(BH, Nq, Nk, causal, 4321 + Nq + Nk, &O64, poison);
+    p.bnhd = bnhd;
     std::vector<float> dq, dk, dv;
     run(version, p, dq, dk, dv, 0);
     std::vector<double> dq64((size_t)BH * Nq * d, 0.0), dk64((size_t)BH * Nk * d, 0.0), dv64((size_t)BH * Nk * d, 0.0);
@@ -936,13 +1068,16 @@ bool check(int version, int BH, int Nq, int Nk, bool causal) {
             }
     auto max_err = [](const std::vector<float>& got, const std::vector<double>& want) {
         double e = 0;
-        for (size_t n = 0; n < got.size(); ++n) e = fmax(e, std::isnan(got[n]) ? INFINITY : fabs(got[n] - want[n]));
+        for (size_t n = 0; n < got.size(); ++n) {
+            const bool bad_got = !std::isfinite(got[n]), bad_want = !std::isfinite(want[n]);
+            e = fmax(e, bad_got || bad_want ? (bad_got && bad_want ? 0.0 : INFINITY) : fabs(got[n] - want[n]));
+        }
         return e;
     };
     const double eq = max_err(dq, dq64), ek = max_err(dk, dk64), ev = max_err(dv, dv64);
     const bool ok = eq < 5e-5 && ek < 5e-5 && ev < 5e-5;
-    printf("version %d, BH=%d Nq=%d Nk=%d causal=%d: max err dQ %.2e, dK %.2e, dV %.2e  %s\n", version, BH, Nq, Nk,
-           causal, eq, ek, ev, ok ? "ok" : "WRONG");
+    printf("version %d, BH=%d Nq=%d Nk=%d causal=%d%s%s: max err dQ %.2e, dK %.2e, dV %.2e  %s\n", version, BH, Nq,
+           Nk, causal, POISONED[poison], bnhd ? ", (B, N, H, 64) strides" : "", eq, ek, ev, ok ? "ok" : "WRONG");
     return ok;
 }
 
@@ -990,6 +1125,9 @@ int main() {
             ok &= check(version, 1, 300, 130, causal);
             ok &= check(version, 3, 200, 200, causal);
             ok &= check(version, 2, 300, 700, causal);
+            if (version < 4) continue;  // versions 4 to 6: strides, NaN and Inf too
+            ok &= check(version, 4, 200, 130, causal, CLEAN, true);
+            for (Poison poison : {NAN_V, INF_V, NAN_K, NAN_Q, NAN_DO}) ok &= check(version, 2, 300, 300, causal, poison);
             if (version == 6) {
                 ok &= check_bits(200, 300, causal);
                 ok &= check_bits(300, 700, causal);

@@ -13,6 +13,7 @@
 
 #include "../flash_attention.cu"
 #include "wgmma.cuh"  // CHECK
+#include "layouts.cuh"
 
 using flash::d;
 using flash::Tensor4;
@@ -25,12 +26,6 @@ struct Problem {
     std::vector<float> q, k, v;  // (B * H, N, 64), contiguous
     bool bnhd = false;           // on the GPU as (B, N, H, 64) tensors with H = 2 (nanoGPT's strides)
 };
-
-// Where element (bh, r, e) of an (B * H, N, 64) tensor lives on the GPU.
-Tensor4<float> layout(float* data, int N, bool bnhd) {
-    const int H = bnhd ? 2 : 1;
-    return bnhd ? Tensor4<float>{data, (int64_t)N * H * d, d, H * d, H} : Tensor4<float>{data, (int64_t)N * d, 0, d, 1};
-}
 
 Problem random_problem(int BH, int Nq, int Nk, bool causal, unsigned seed) {
     srand(seed);
@@ -46,21 +41,6 @@ Problem random_problem(int BH, int Nq, int Nk, bool causal, unsigned seed) {
     fill(p.k, (size_t)BH * Nk * d);
     fill(p.v, (size_t)BH * Nk * d);
     return p;
-}
-
-// Where head bh of t starts (Tensor4::head, on the host).
-float* head_start(Tensor4<float> t, int bh) { return t.data + bh / t.H * t.batch_stride + bh % t.H * t.head_stride; }
-
-// Between the host's (B * H, N, 64) rows and t's layout on the GPU: a 2-D copy per head.
-void to_gpu(Tensor4<float> t, const std::vector<float>& x, int BH, int N) {
-    for (int bh = 0; bh < BH; ++bh)
-        CHECK(cudaMemcpy2D(head_start(t, bh), t.row_stride * sizeof(float), x.data() + (size_t)bh * N * d,
-                           d * sizeof(float), d * sizeof(float), N, cudaMemcpyHostToDevice));
-}
-void from_gpu(std::vector<float>& x, Tensor4<float> t, int BH, int N) {
-    for (int bh = 0; bh < BH; ++bh)
-        CHECK(cudaMemcpy2D(x.data() + (size_t)bh * N * d, d * sizeof(float), head_start(t, bh),
-                           t.row_stride * sizeof(float), d * sizeof(float), N, cudaMemcpyDeviceToHost));
 }
 
 // Runs Part `part` (2: fast, 3: hopper) once, then `reps` more times between CUDA events;
@@ -80,7 +60,6 @@ float run(int part, const Problem& p, std::vector<float>& O, std::vector<float>&
     to_gpu(K, p.k, p.BH, p.Nk);
     to_gpu(V, p.v, p.BH, p.Nk);
     CHECK(cudaMemset(o, 0xff, nq * 4));  // NaN: an element left unwritten shows
-    auto in = [](Tensor4<float> t) { return flash::In{t.data, t.batch_stride, t.head_stride, t.row_stride, t.H}; };
     auto launch = [&] {
         const auto forward = part == 2 ? flash::fast::forward : consumers == 1 ? flash::hopper::launch<1>
                              : consumers == 2 ? flash::hopper::launch<2> : flash::hopper::forward;
