@@ -20,9 +20,11 @@
 // version 6's bits also against themselves (again, blocks started in reverse, one head alone).
 // Finite inputs only: NaN containment is for a later version.
 //   nvcc -gencode arch=compute_90a,code=sm_90a -O3 -o /tmp/hopper_backward benchmarks/hopper_backward.cu && timeout 60 /tmp/hopper_backward
+//   compute-sanitizer --tool racecheck /tmp/hopper_backward check 6   (version 6's checks alone, untimed)
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "../flash_attention.cu"  // version 2: Part III's mbarrier, barrier and register helpers
@@ -1112,12 +1114,18 @@ bool check_bits(int Nq, int Nk, bool causal) {
     return same[0] && same[1] && same[2];
 }
 
-int main() {
+// hopper_backward [check] [version ...]: the versions named (all by default), each checked,
+// then timed unless `check` (for compute-sanitizer) before the next.
+int main(int argc, char** argv) {
     setvbuf(stdout, nullptr, _IOLBF, 0);  // each line as it is printed, should a later version hang
     if (!runs_wgmma()) return 1;
+    const bool timed = !(argc > 1 && std::string(argv[1]) == "check");
+    std::vector<int> versions;
+    for (int a = timed ? 1 : 2; a < argc; ++a) versions.push_back(atoi(argv[a]));
+    if (versions.empty()) versions = {1, 2, 4, 5, 6};
     bool ok = true;
     float default_ms[2] = {};  // version 5's, for version 6's ratio
-    for (int version : {1, 2, 4, 5, 6}) {  // each version checked, then timed, before the next
+    for (int version : versions) {
         for (bool causal : {false, true}) {
             ok &= check(version, 2, 64, 64, causal);
             ok &= check(version, 2, 100, 37, causal);
@@ -1134,6 +1142,7 @@ int main() {
             }
         }
         for (bool causal : {false, true}) {
+            if (!timed) break;
             const Problem p = random_problem(16, 4096, 4096, causal, 7);
             std::vector<float> dq, dk, dv;
             const float ms = run(version, p, dq, dk, dv, 10);
@@ -1144,7 +1153,8 @@ int main() {
                 printf("  its producer alone %.3f ms, its consumers alone %.3f ms\n",
                        run(2, p, dq, dk, dv, 10, v2::PRODUCER_ALONE), run(2, p, dq, dk, dv, 10, v2::CONSUMERS_ALONE));
             if (version == 5) default_ms[causal] = ms;
-            if (version == 6) printf("  deterministic / default (version 5): %.3f\n", ms / default_ms[causal]);
+            if (version == 6 && default_ms[causal] > 0)
+                printf("  deterministic / default (version 5): %.3f\n", ms / default_ms[causal]);
         }
     }
     return ok ? 0 : 1;
