@@ -265,8 +265,9 @@ forward_kernel(Tensor4<const float> q,     // (B, H, Nq, d)
 // One block per (batch * head, query tile); each half-warp reduces one row. In the default
 // mode, where the backward adds into dQ, the same threads zero it (dq.data is null in the
 // deterministic mode, where the first writer of each buffer stores). They also zero the
-// `count` ints at `counters` that Part II's deterministic backward uses (count may be 0):
-// one launch less than a memset.
+// `count` ints at `counters` (count may be 0; this part's backward has none), which a
+// backward that orders its deterministic writers by counters needs zeroed: one launch less
+// than a memset.
 __global__ void __launch_bounds__(THREADS)
 preprocess_kernel(Tensor4<const float> dout,  // (B, H, Nq, d)
                   Tensor4<const float> o,     // (B, H, Nq, d)
