@@ -16,7 +16,7 @@
 // run) keeps the key tile in the consumers' registers, one consumer per role; version 5 also
 // stages each step without bank conflicts; version 6 is version 5's deterministic mode, with
 // Part II's partial buffers and chains. All are checked against float64 on the CPU, then
-// timed at B*H = 16, N = 4096 (version 2 also with each of its roles alone: v2::Work);
+// timed at B*H = 16, N = 4096 (versions 2 and 5 also with each of their roles alone: v2::Work);
 // version 6's bits also against themselves (again, blocks started in reverse, one head alone).
 // Finite inputs only: NaN containment is for a later version.
 //   nvcc -gencode arch=compute_90a,code=sm_90a -O3 -o /tmp/hopper_backward benchmarks/hopper_backward.cu && timeout 60 /tmp/hopper_backward
@@ -749,7 +749,9 @@ __device__ __forceinline__ void add_nonfinite_keys(float (&dQt)[8], Rows<const f
 // waits only on tiles that started blocks took; every role then walks the same tiles, the
 // ring's steps running on from one to the next. reversed_start (the checks): the blocks take
 // tiles as if the GPU started them last to first. Part I's dq_sum_kernel adds the buffers.
-template <bool linear_staging, bool deterministic>
+// `work` times the roles apart, as version 2's (PRODUCER_ALONE: the consumers only pass the
+// barriers on; CONSUMERS_ALONE: the producer hands the stages over unstaged).
+template <bool linear_staging, bool deterministic, v2::Work work = v2::ALL>
 __global__ void __launch_bounds__(THREADS, 1)
 backward_kernel(flash::In q, flash::In k, flash::In v, flash::In dout, const float* L, const float* D,
                 flash::Out dq, float* dq_partial, int* dq_progress, flash::Out dk, flash::Out dv, int BH, int Nq,
@@ -779,13 +781,13 @@ backward_kernel(flash::In q, flash::In k, flash::In v, flash::In dout, const flo
     __syncthreads();
     if (first < 0) return;  // another block took this tile
 
-    // Runs work(tile, j, bh, sweep, before) for the block's tiles, first, first + stride, ...,
+    // Runs role(tile, j, bh, sweep, before) for the block's tiles, first, first + stride, ...,
     // last; `before`: the ring steps of the tiles before this one.
-    auto for_each_tile = [&](auto work) {
+    auto for_each_tile = [&](auto role) {
         for (int tile = first, before = 0;; tile += stride) {
             const int j = tile / BH, bh = tile % BH;
             const v2::Sweep sweep = v2::sweep_of(j, Nq, causal, true);
-            work(tile, j, bh, sweep, before);
+            role(tile, j, bh, sweep, before);
             if (tile == last) break;
             before += sweep.steps;
         }
@@ -796,7 +798,8 @@ backward_kernel(flash::In q, flash::In k, flash::In v, flash::In dout, const flo
     if (wg == 0) {  // the producer: version 2's, with stage_operands in versions 5 and 6
         flash::hopper::registers_down<40>();
         for_each_tile([&](int, int j, int bh, v2::Sweep sweep, int before) {
-            produce<STAGES, true, linear_staging, true>([&](int s) { return stage_at(ring + s * STAGE); }, full, empty,
+            produce<STAGES, work != v2::CONSUMERS_ALONE, linear_staging, true>(
+                [&](int s) { return stage_at(ring + s * STAGE); }, full, empty,
                                                         raw_Q, raw_dO, q.head(bh), dout.head(bh), L + (size_t)bh * Nq,
                                                         D + (size_t)bh * Nq, sweep, before, Nq, tid,
                                                         causal ? (j + 1) * Bc - 1 : 0);
@@ -814,6 +817,11 @@ backward_kernel(flash::In q, flash::In k, flash::In v, flash::In dout, const flo
                 const int ring_step = before + n, s = ring_step % STAGES, q0 = sweep.q0(n);
                 const Stage x = stage_at(ring + s * STAGE);
                 mbar_wait(&full[s], (ring_step / STAGES) % 2);
+                if (work == v2::PRODUCER_ALONE) {
+                    mbar_arrive(&scores[s]);
+                    mbar_arrive(&empty[s]);
+                    continue;
+                }
                 float S[8] = {};  // zeros: ptxas otherwise breaks the chain with a wait (C7517)
                 product_64x16(S, K_j, x.Q);  // lines 10-11: S_ij^T = K_j Q_i^T, then P_ij^T
 #pragma unroll
@@ -848,6 +856,11 @@ backward_kernel(flash::In q, flash::In k, flash::In v, flash::In dout, const flo
                 const int ring_step = before + n, s = ring_step % STAGES, q0 = sweep.q0(n);
                 const Stage x = stage_at(ring + s * STAGE);
                 mbar_wait(&full[s], (ring_step / STAGES) % 2);
+                if (work == v2::PRODUCER_ALONE) {
+                    mbar_arrive(&gradients[s]);
+                    mbar_arrive(&empty[s]);
+                    continue;
+                }
                 float dP[8] = {};
                 product_64x16(dP, V_j, x.dO);  // line 13: dP_ij^T = V_j dO_i^T
                 mbar_wait(&scores[s], (ring_step / STAGES) % 2);
@@ -886,6 +899,10 @@ backward_kernel(flash::In q, flash::In k, flash::In v, flash::In dout, const flo
             const int ring_step = before + n, s = ring_step % STAGES, q0 = sweep.q0(n);
             const Stage x = stage_at(ring + s * STAGE);
             mbar_wait(&gradients[s], (ring_step / STAGES) % 2);
+            if (work == v2::PRODUCER_ALONE) {
+                mbar_arrive(&empty[s]);
+                continue;
+            }
             float dQt[8] = {};
             product_64x16(dQt, Kt_j, x.dS);  // dQ_i^T = K_j^T dS_ij^T
             if (nonfinite_K) add_nonfinite_keys(dQt, k.head(bh), x.dS, j, q0, Nq, Nk, causal);  // the rare path
@@ -970,7 +987,7 @@ Problem random_problem(int BH, int Nq, int Nk, bool causal, unsigned seed, std::
 }
 
 // Runs version 1, 2, 4, 5 or 6 once, then `reps` more times between CUDA events; returns the
-// median ms and leaves dq, dk, dv in the vectors. `work` picks version 2's roles (v2::Work);
+// median ms and leaves dq, dk, dv in the vectors. `work` picks version 2's or 5's roles (v2::Work);
 // reversed_start makes version 6's blocks take their tiles as if started last to first.
 float run(int version, const Problem& p, std::vector<float>& dq, std::vector<float>& dk, std::vector<float>& dv,
           int reps, v2::Work work = v2::ALL, bool reversed_start = false) {
@@ -1004,9 +1021,11 @@ float run(int version, const Problem& p, std::vector<float>& dq, std::vector<flo
                                 : work == v2::PRODUCER_ALONE  ? v2::backward_kernel<v2::PRODUCER_ALONE>
                                 : work == v2::CONSUMERS_ALONE ? v2::backward_kernel<v2::CONSUMERS_ALONE>
                                                               : v2::backward_kernel<v2::ALL>;
-    const auto key_tile_in_registers = version == 4 ? v4::backward_kernel<false, false>
-                                       : version == 5 ? v4::backward_kernel<true, false>
-                                                      : v4::backward_kernel<true, true>;
+    const auto key_tile_in_registers = version == 4                 ? v4::backward_kernel<false, false>
+                                       : version == 6                 ? v4::backward_kernel<true, true>
+                                       : work == v2::PRODUCER_ALONE   ? v4::backward_kernel<true, false, v2::PRODUCER_ALONE>
+                                       : work == v2::CONSUMERS_ALONE  ? v4::backward_kernel<true, false, v2::CONSUMERS_ALONE>
+                                                                      : v4::backward_kernel<true, false>;
     const size_t smem = version == 1 ? SMEM : version == 2 ? v2::SMEM : v4::SMEM;
     if (version <= 2)
         CHECK(cudaFuncSetAttribute(first_versions, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
@@ -1149,9 +1168,10 @@ int main(int argc, char** argv) {
             const double flop = 2.5 * 4.0 * 16 * 4096.0 * 4096.0 * d / (causal ? 2 : 1);
             printf("version %d, B*H=16, N=4096, causal=%d: %.3f ms, %.1f TFLOP/s\n", version, causal, ms,
                    flop / ms / 1e9);
-            if (version == 2)
+            if (version == 2 || version == 5)
                 printf("  its producer alone %.3f ms, its consumers alone %.3f ms\n",
-                       run(2, p, dq, dk, dv, 10, v2::PRODUCER_ALONE), run(2, p, dq, dk, dv, 10, v2::CONSUMERS_ALONE));
+                       run(version, p, dq, dk, dv, 10, v2::PRODUCER_ALONE),
+                       run(version, p, dq, dk, dv, 10, v2::CONSUMERS_ALONE));
             if (version == 5) default_ms[causal] = ms;
             if (version == 6 && default_ms[causal] > 0)
                 printf("  deterministic / default (version 5): %.3f\n", ms / default_ms[causal]);
