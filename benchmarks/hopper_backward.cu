@@ -775,6 +775,7 @@ backward_kernel(flash::In q, flash::In k, flash::In v, flash::In dout, const flo
             mbar_init(&scores[s], 128);
             mbar_init(&gradients[s], 128);
             mbar_init(&empty[s], 3 * 128);
+            stage_at(ring + s * STAGE).nonfinite[0] = stage_at(ring + s * STAGE).nonfinite[1] = 0;  // CONSUMERS_ALONE
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
@@ -799,10 +800,9 @@ backward_kernel(flash::In q, flash::In k, flash::In v, flash::In dout, const flo
         flash::hopper::registers_down<40>();
         for_each_tile([&](int, int j, int bh, v2::Sweep sweep, int before) {
             produce<STAGES, work != v2::CONSUMERS_ALONE, linear_staging, true>(
-                [&](int s) { return stage_at(ring + s * STAGE); }, full, empty,
-                                                        raw_Q, raw_dO, q.head(bh), dout.head(bh), L + (size_t)bh * Nq,
-                                                        D + (size_t)bh * Nq, sweep, before, Nq, tid,
-                                                        causal ? (j + 1) * Bc - 1 : 0);
+                [&](int s) { return stage_at(ring + s * STAGE); }, full, empty, raw_Q, raw_dO, q.head(bh),
+                dout.head(bh), L + (size_t)bh * Nq, D + (size_t)bh * Nq, sweep, before, Nq, tid,
+                causal ? (j + 1) * Bc - 1 : 0);
         });
         return;
     }
