@@ -5,6 +5,7 @@
 //   nvcc -gencode arch=compute_90a,code=sm_90a -DFLASH_ATTENTION_SM90A -O3 -o /tmp/hopper_forward benchmarks/hopper_forward.cu && timeout 60 /tmp/hopper_forward
 //   ncu --set full -k regex:forward_kernel /tmp/hopper_forward profile   (both forwards, twice each, unchecked)
 //   compute-sanitizer --tool racecheck /tmp/hopper_forward check   (the checks alone, untimed)
+//   /tmp/hopper_forward dump FILE   (Part III's O and L of two problems, raw floats: cmp two builds' files)
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -132,6 +133,16 @@ int main(int argc, char** argv) {
         const Problem p = random_problem(16, 4096, 4096, false, 7);
         for (int part : {2, 3}) printf("Part %d: %.3f ms\n", part, run(part, p, O, Lse, 1));
         return 0;
+    }
+    if (argc > 2 && std::string(argv[1]) == "dump") {  // Part III's O and L, raw, to compare two builds
+        FILE* f = fopen(argv[2], "wb");
+        for (bool causal : {false, true}) {
+            std::vector<float> O, Lse;
+            run(3, random_problem(3, 300, 320, causal, 5), O, Lse, 0);
+            fwrite(O.data(), 4, O.size(), f);
+            fwrite(Lse.data(), 4, Lse.size(), f);
+        }
+        return fclose(f) == 0 ? 0 : 1;
     }
     bool ok = true;
     for (int part : {2, 3})
