@@ -1362,17 +1362,27 @@ cudaError_t allow_shared_memory() {
     return err;
 }
 
-cudaError_t forward(In q, In k, In v, Out o, float* L, int64_t BH, int Nq, int Nk, float softmax_scale,
-                    bool causal, cudaStream_t stream) {
-    const int64_t blocks = BH * cdiv(Nq, Br);
+// kernel<<<blocks, threads, bytes, stream>>>(args...), allowed its `bytes` of shared memory
+// first: how Parts II and III launch their kernels.
+template <auto kernel, size_t bytes, typename... Args>
+cudaError_t launch(int64_t blocks, int threads, cudaStream_t stream, Args... args) {
     if (blocks == 0) return cudaSuccess;
     if (blocks > INT32_MAX) return cudaErrorInvalidConfiguration;
-    const cudaError_t err = allow_shared_memory<forward_kernel, FORWARD_SMEM>();
+    const cudaError_t err = allow_shared_memory<kernel, bytes>();
     if (err != cudaSuccess) return err;
-    forward_kernel<<<(unsigned)blocks, THREADS, FORWARD_SMEM, stream>>>(q, k, v, o, L, BH, Nq, Nk,
-                                                                         softmax_scale, causal);
+    kernel<<<(unsigned)blocks, threads, bytes, stream>>>(args...);
     return cudaGetLastError();
 }
+
+cudaError_t forward(In q, In k, In v, Out o, float* L, int64_t BH, int Nq, int Nk, float softmax_scale,
+                    bool causal, cudaStream_t stream) {
+    return launch<forward_kernel, FORWARD_SMEM>(BH * cdiv(Nq, Br), THREADS, stream, q, k, v, o, L, BH, Nq, Nk,
+                                                softmax_scale, causal);
+}
+
+// The backward's modes, each a kernel of its own (see backward_kernel).
+template <bool deterministic_, bool chained_>
+struct Mode { static constexpr bool deterministic = deterministic_, chained = chained_; };
 
 // Default mode: the preprocess zeroes dq, and the kernel adds into it. Deterministic mode: dq
 // is partial buffer 0, dq_partial holds buffers 1 .. P-1 ((P - 1) * BH * Nq * d floats,
@@ -1385,7 +1395,7 @@ cudaError_t backward(In dout, In q, In k, In v, In o, const float* L, float* D, 
     if (BH == 0 || Nk == 0) return cudaSuccess;
     const int Tc = cdiv(Nk, Bc);
     const int P = dq_partials(Nk, causal);
-    if (BH * Tc > INT32_MAX) return cudaErrorInvalidConfiguration;
+    if (BH * Tc > INT32_MAX) return cudaErrorInvalidConfiguration;  // before the preprocess runs
     if (default_is_deterministic(Tc)) deterministic = false;
     Out zeroed = dq;
     if (deterministic) zeroed.data = nullptr;
@@ -1393,17 +1403,13 @@ cudaError_t backward(In dout, In q, In k, In v, In o, const float* L, float* D, 
     cudaError_t err = tutorial::backward_preprocess(dout, o, D, zeroed, dq_progress,  // lines 3-4
                                                     chained ? dq_progress_ints(BH, Nk, causal) : 0, BH, Nq, stream);
     if (err != cudaSuccess) return err;
-    const auto kernel = chained ? backward_kernel<true, true>
-                      : deterministic ? backward_kernel<true, false> : backward_kernel<false, false>;
-    err = chained ? allow_shared_memory<backward_kernel<true, true>, BACKWARD_SMEM>()
-        : deterministic ? allow_shared_memory<backward_kernel<true, false>, BACKWARD_SMEM>()
-                        : allow_shared_memory<backward_kernel<false, false>, BACKWARD_SMEM>();
-    if (err != cudaSuccess) return err;
     int* dq_taken = chained ? dq_progress + BH * Tc * WARPS : nullptr;
-    kernel<<<(unsigned)(BH * Tc), THREADS, BACKWARD_SMEM, stream>>>(
-        q, k, v, dout, L, D, dq, dq_partial, dq_progress, dq_taken, dk, dv, BH, Nq, Nk, P,
-        softmax_scale, causal, reversed_start);
-    err = cudaGetLastError();
+    const auto run = [&](auto mode) {
+        return launch<backward_kernel<decltype(mode)::deterministic, decltype(mode)::chained>, BACKWARD_SMEM>(
+            BH * Tc, THREADS, stream, q, k, v, dout, L, D, dq, dq_partial, dq_progress, dq_taken, dk, dv, BH, Nq,
+            Nk, P, softmax_scale, causal, reversed_start);
+    };
+    err = chained ? run(Mode<true, true>()) : deterministic ? run(Mode<true, false>()) : run(Mode<false, false>());
     if (err != cudaSuccess || !deterministic) return err;
     return tutorial::sum_dq_partials(dq_partial, dq, BH, Nq, P, Br, causal, stream);
 }
@@ -1904,14 +1910,8 @@ bool available() {
 template <int CONSUMERS>
 cudaError_t launch(In q, In k, In v, Out o, float* L, int64_t BH, int Nq, int Nk, float softmax_scale, bool causal,
                    cudaStream_t stream) {
-    const int64_t blocks = BH * cdiv(Nq, 64 * CONSUMERS);
-    if (blocks == 0) return cudaSuccess;
-    if (blocks > INT32_MAX) return cudaErrorInvalidConfiguration;
-    const cudaError_t err = fast::allow_shared_memory<forward_kernel<CONSUMERS>, smem_bytes(CONSUMERS)>();
-    if (err != cudaSuccess) return err;
-    forward_kernel<CONSUMERS><<<(unsigned)blocks, threads(CONSUMERS), smem_bytes(CONSUMERS), stream>>>(
-        q, k, v, o, L, BH, Nq, Nk, softmax_scale, causal);
-    return cudaGetLastError();
+    return fast::launch<forward_kernel<CONSUMERS>, smem_bytes(CONSUMERS)>(
+        BH * cdiv(Nq, 64 * CONSUMERS), threads(CONSUMERS), stream, q, k, v, o, L, BH, Nq, Nk, softmax_scale, causal);
 }
 
 // Blocks of 128 query rows, unless twice as many blocks of 64 still fit the SMs at once (short
