@@ -1562,8 +1562,9 @@ __device__ __forceinline__ bool warpgroup_any(bool x) {
                  : "=r"(any) : "r"((uint32_t)x), "n"(id) : "memory");
     return any;
 }
-// Registers per thread from here on (the kernel starts every thread at 168, 65536 / 384):
-// the producer gives back what the consumers take.
+// Registers per thread from here on (the kernel starts every thread at 168, 65536 / 384
+// rounded down to a multiple of 8): the producer gives back what the consumers take, and
+// they can take no more, as setmaxnreg.inc waits until the block has the registers.
 template <int registers>
 __device__ __forceinline__ void registers_down() {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(registers));
@@ -1862,7 +1863,7 @@ forward_kernel(Tensor4<const float> q, Tensor4<const float> k, Tensor4<const flo
             }
         }
     } else {  // consumer c: lines 4-15 for its 64 query rows
-        registers_up<208>();  // 128 x 88 + 256 x 208 <= 65536
+        registers_up<208>();  // 128 x 88 + 256 x 208 = 384 x 168, what the block started with
         const int c = wg - 1, row0 = block_row0 + 64 * c;
         float* Q_big = smem + 2 * c * TILE;
         stage_rows(Q_big, Q_big + TILE, Q, row0, Nq, tid);  // line 4
