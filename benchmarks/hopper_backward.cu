@@ -12,15 +12,17 @@
 // fragment holds queries 8s + 2t and 8s + 2t + 1 where the A fragment has k = t and t + 4,
 // so Q_i^T and dO_i^T keep their queries in that order, as the forward keeps V^T's keys.
 // dQ is added with atomics (the default mode). Version 2 (below; measured: 31 TFLOP/s) adds
-// a producer warpgroup and two consumers, in 16-query steps. Version 4 (compiled, not yet
-// run) keeps the key tile in the consumers' registers, one consumer per role; version 5 also
-// stages each step without bank conflicts; version 6 is version 5's deterministic mode, with
-// Part II's partial buffers and chains. All are checked against float64 on the CPU, then
-// timed at B*H = 16, N = 4096 (versions 2 and 5 also with each of their roles alone: v2::Work);
-// version 6's bits also against themselves (again, blocks started in reverse, one head alone).
-// Finite inputs only: NaN containment is for a later version.
+// a producer warpgroup and two consumers, in 16-query steps. Version 4 (31 TFLOP/s) keeps the
+// key tile in the consumers' registers, one consumer per role; version 5 (38) also stages
+// each step without bank conflicts; version 6 is version 5's deterministic mode, with Part
+// II's partial buffers and chains; versions 7 and 8 (not yet run) are 5 and 6 with a
+// producer that copies three steps ahead. Versions 4 to 8 take strided inputs and contain
+// NaN and Inf as Part III must (benchmarks/NOTES.md, v34, v36). All are checked against
+// float64 on the CPU, then timed at B*H = 16, N = 4096 (versions 2, 5 and 7 also with their
+// roles apart: v2::Work); versions 6 and 8 also against their own bits (again, blocks
+// started in reverse, one head alone).
 //   nvcc -gencode arch=compute_90a,code=sm_90a -O3 -o /tmp/hopper_backward benchmarks/hopper_backward.cu && timeout 60 /tmp/hopper_backward
-//   compute-sanitizer --tool racecheck /tmp/hopper_backward check 6   (version 6's checks alone, untimed)
+//   compute-sanitizer --tool racecheck /tmp/hopper_backward check 8   (version 8's checks alone, untimed)
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -288,8 +290,9 @@ using flash::hopper::warpgroup_sync;
 constexpr int BQ = 16, STAGES = 3, THREADS = 384;
 constexpr int KEY_OPERAND = 64 * d, QUERY_OPERAND = BQ * d;  // floats of one split part
 constexpr int RAW_STRIDE = d + 4;                              // raw rows, padded as Part II's
+constexpr int RAW_SLOT = 2 * BQ * RAW_STRIDE + 2 * BQ;          // a step's raw Q_i, dO_i rows; L_i, D_i
 constexpr int STAGE = 4 * 2 * QUERY_OPERAND + 2 * BQ;          // Q, dO, Q^T, dO^T split; L_i, D_i
-constexpr size_t SMEM = (3 * 2 * KEY_OPERAND + STAGES * STAGE + 2 * 2 * QUERY_OPERAND + 2 * BQ * RAW_STRIDE)
+constexpr size_t SMEM = (3 * 2 * KEY_OPERAND + STAGES * STAGE + 2 * 2 * QUERY_OPERAND + RAW_SLOT)
                             * sizeof(float) + 2 * STAGES * sizeof(uint64_t);  // 217 KB
 static_assert(SMEM <= 227 * 1024, "one block per SM");
 
@@ -314,6 +317,18 @@ __device__ __forceinline__ void load_rows_async(float* raw, Rows<const float> x,
                      "l"(x[inside ? row0 + r : 0] + c), "r"(inside ? 16 : 0));
     }
 }
+
+// Starts copying L_i and D_i of step q0 (zeros from Nq on) into LD[0 .. BQ - 1] and
+// LD[BQ .. 2 BQ - 1], a float a thread: a head's rows of L and D need not be 16-byte aligned.
+__device__ __forceinline__ void load_values_async(float* LD, const float* L, const float* D, int q0, int Nq, int tid) {
+    if (tid >= 2 * BQ) return;
+    const int r = tid % BQ;
+    const bool inside = q0 + r < Nq;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(LD + tid)),
+                 "l"((tid < BQ ? L : D) + (inside ? q0 + r : 0)), "r"(inside ? 4 : 0));
+}
+template <int n>
+__device__ __forceinline__ void cp_async_wait_group() { asm volatile("cp.async.wait_group %0;\n" ::"n"(n) : "memory"); }
 
 // x, or 0 where contain and x is a NaN or an Inf (dropped records that).
 __device__ __forceinline__ float contained(float x, bool contain, bool& dropped) {
@@ -373,29 +388,40 @@ __device__ __forceinline__ Sweep sweep_of(int j, int Nq, bool causal, bool desce
     return Sweep{first, all > first ? all - first : 0, causal && descending};
 }
 
-// The producer, line 9 for every step, `stages` steps ahead at most: it copies the step's
-// query rows (cp.async) into raw_Q, raw_dO, waits until the stage's consumers are done with
-// it (empty), stages Q_i, dO_i, Q_i^T, dO_i^T split and L_i, D_i, and hands it over (full).
-// stage = false hands the stages over untouched (CONSUMERS_ALONE); linear stages with
-// stage_operands, else walking the source, one element a thread (versions 2 and 4). The
-// ring has already carried `before` steps (of the block's earlier key tiles). containment
-// (versions 4 to 6): the steps with q0 < contain_below (a causal diagonal) stage Q_i^T's
-// and dO_i^T's NaN and Inf as 0 and say so in the stage's `nonfinite` (see v4).
-template <int stages, bool stage, bool linear, bool containment = false, typename StageAt>
-__device__ __forceinline__ void produce(StageAt stage_at, uint64_t* full, uint64_t* empty, float* raw_Q,
-                                        float* raw_dO, Rows<const float> q, Rows<const float> dout, const float* L,
-                                        const float* D, Sweep sweep, int before, int Nq, int tid,
-                                        int contain_below = 0) {
-    if (stage && sweep.steps > 0) {
-        load_rows_async(raw_Q, q, sweep.q0(0), Nq, tid);
-        load_rows_async(raw_dO, dout, sweep.q0(0), Nq, tid);
+// The producer, line 9 for every step, `stages` steps ahead at most: it copies each step's
+// query rows and L_i, D_i (cp.async) into a ring of `depth` raw slots (RAW_SLOT floats each,
+// at raw), depth - 1 steps ahead; for step n it waits for its copies, then until the
+// stage's consumers are done with it (empty), stages Q_i, dO_i, Q_i^T, dO_i^T split and
+// L_i, D_i, and hands it over (full). stage = false hands the stages over untouched
+// (CONSUMERS_ALONE); linear stages with stage_operands, else walking the source, one
+// element a thread (versions 2 and 4). The ring has already carried `before` steps (of the
+// block's earlier key tiles). containment (versions 4 to 8): the steps with q0 <
+// contain_below (a causal diagonal) stage Q_i^T's and dO_i^T's NaN and Inf as 0 and say so
+// in the stage's `nonfinite` (see v4).
+template <int stages, int depth, bool stage, bool linear, bool containment = false, typename StageAt>
+__device__ __forceinline__ void produce(StageAt stage_at, uint64_t* full, uint64_t* empty, float* raw,
+                                        Rows<const float> q, Rows<const float> dout, const float* L, const float* D,
+                                        Sweep sweep, int before, int Nq, int tid, int contain_below = 0) {
+    // Starts copying step m into slot m % depth: one commit group, empty past the last step.
+    auto copy = [&](int m) {
+        if (stage && m < sweep.steps) {
+            float* slot = raw + (m % depth) * RAW_SLOT;
+            load_rows_async(slot, q, sweep.q0(m), Nq, tid);
+            load_rows_async(slot + BQ * RAW_STRIDE, dout, sweep.q0(m), Nq, tid);
+            load_values_async(slot + 2 * BQ * RAW_STRIDE, L, D, sweep.q0(m), Nq, tid);
+        }
         flash::fast::cp_async_commit();
-    }
+    };
+    for (int m = 0; m < depth - 1; ++m) copy(m);
     for (int n = 0; n < sweep.steps; ++n) {
         const int ring_step = before + n, s = ring_step % stages, q0 = sweep.q0(n);
         const auto x = stage_at(s);
-        flash::fast::cp_async_wait_all();
-        warpgroup_sync<1>();                           // the raw rows of step n landed
+        const float* raw_Q = raw + (n % depth) * RAW_SLOT;
+        const float* raw_dO = raw_Q + BQ * RAW_STRIDE;
+        const float* raw_LD = raw_dO + BQ * RAW_STRIDE;
+        copy(n + depth - 1);                           // into the slot that step n - 1 was staged from
+        cp_async_wait_group<depth - 1>();              // this thread's copies of step n landed
+        warpgroup_sync<1>();                           // every producer thread's
         mbar_wait(&empty[s], (ring_step / stages + 1) % 2);  // ring step - stages is done with stage s
         if (stage) {
             const bool contain = containment && q0 < contain_below;
@@ -413,8 +439,8 @@ __device__ __forceinline__ void produce(StageAt stage_at, uint64_t* full, uint64
                     x.dOt.store(c, position_of(r), contained(b, contain, dropped_dO));
                 }
             }
-            if (tid < BQ) x.L[tid] = q0 + tid < Nq ? L[q0 + tid] : 0.f;
-            else if (tid < 2 * BQ) x.D[tid - BQ] = q0 + tid - BQ < Nq ? D[q0 + tid - BQ] : 0.f;
+            if (tid < BQ) x.L[tid] = raw_LD[tid];
+            else if (tid < 2 * BQ) x.D[tid - BQ] = raw_LD[tid];
             if constexpr (containment) {
                 if (contain) {  // warpgroup_any: a barrier of the producer's warpgroup
                     dropped_Q = flash::hopper::warpgroup_any<1>(dropped_Q);
@@ -428,12 +454,7 @@ __device__ __forceinline__ void produce(StageAt stage_at, uint64_t* full, uint64
             fence_proxy_async();
         }
         mbar_arrive(&full[s]);
-        warpgroup_sync<1>();                           // every producer thread is done with the raw rows
-        if (stage && n + 1 < sweep.steps) {
-            load_rows_async(raw_Q, q, sweep.q0(n + 1), Nq, tid);
-            load_rows_async(raw_dO, dout, sweep.q0(n + 1), Nq, tid);
-            flash::fast::cp_async_commit();
-        }
+        warpgroup_sync<1>();                           // every producer thread is done with slot n % depth
     }
 }
 
@@ -452,9 +473,8 @@ backward_kernel(const float* q, const float* k, const float* v, const float* dou
         Kt_j{smem + 4 * KEY_OPERAND, smem + 5 * KEY_OPERAND, d, 64};
     float* ring = smem + 6 * KEY_OPERAND;
     float* dS_area = ring + STAGES * STAGE;                 // consumer c's dS_ij at 2c parts
-    float* raw_Q = dS_area + 4 * QUERY_OPERAND;
-    float* raw_dO = raw_Q + BQ * RAW_STRIDE;
-    uint64_t* full = reinterpret_cast<uint64_t*>(raw_dO + BQ * RAW_STRIDE);
+    float* raw = dS_area + 4 * QUERY_OPERAND;               // one raw slot
+    uint64_t* full = reinterpret_cast<uint64_t*>(raw + RAW_SLOT);
     uint64_t* empty = full + STAGES;
     const int wg = threadIdx.x / 128, tid = threadIdx.x % 128, w = tid / 32, g = tid % 32 / 4, t = tid % 4;
     const int j = blockIdx.x / BH, bh = blockIdx.x % BH;
@@ -475,9 +495,9 @@ backward_kernel(const float* q, const float* k, const float* v, const float* dou
 
     if (wg == 0) {  // the producer
         flash::hopper::registers_down<40>();
-        produce<STAGES, work != CONSUMERS_ALONE, false>([&](int s) { return stage_at(ring + s * STAGE); }, full, empty,
-                                                        raw_Q, raw_dO, Rows<const float>{q, d},
-                                                        Rows<const float>{dout, d}, L, D, sweep, 0, Nq, tid);
+        produce<STAGES, 1, work != CONSUMERS_ALONE, false>([&](int s) { return stage_at(ring + s * STAGE); }, full,
+                                                           empty, raw, Rows<const float>{q, d},
+                                                           Rows<const float>{dout, d}, L, D, sweep, 0, Nq, tid);
         return;
     }
     // consumer c: lines 10-16 for its steps, then line 18 with the other consumer's sums
@@ -563,7 +583,7 @@ backward_kernel(const float* q, const float* k, const float* v, const float* dou
 // m64n16 products then read 512 bytes of shared memory each, and a step moves about 124 KB.
 // The producer is version 2's. Barriers per stage: full (producer -> 1, 2), scores (1 -> 2),
 // gradients (2 -> 3), empty (1, 2, 3 -> producer).
-// Versions 4 to 6 take what Part III's backward must: q, k, v, dout, dq, dk, dv with any
+// Versions 4 to 8 take what Part III's backward must: q, k, v, dout, dq, dk, dv with any
 // batch, head and row strides (Tensor4: rows of 64 contiguous floats, 16-byte aligned), L
 // and D contiguous, any Nq and Nk, and NaN and Inf where they are:
 // NaN containment (causal). A step on key tile j's diagonal (q0 < (j + 1) Bc - 1) holds
@@ -584,13 +604,17 @@ using flash::hopper::warpgroup_sync;
 using v2::BQ;
 using v2::contained;
 using v2::QUERY_OPERAND;
+using v2::RAW_SLOT;
 using v2::RAW_STRIDE;
 using v2::produce;
 
 constexpr int STAGES = 4, THREADS = 512;
 constexpr int STAGE = 8 * QUERY_OPERAND + 2 * BQ * 64 + 64 * BQ + 2 * BQ + 32;  // Q, dO, Q^T, dO^T; dS; P; L_i, D_i; flags
-constexpr size_t SMEM = (STAGES * STAGE + 2 * BQ * RAW_STRIDE) * sizeof(float) + 4 * STAGES * sizeof(uint64_t);
-static_assert(SMEM <= 227 * 1024, "one block per SM");
+// The stages, `depth` raw slots (v2::produce), the barriers: 186 KB with one slot, 212 with four.
+constexpr size_t smem_bytes(int depth) {
+    return (STAGES * STAGE + depth * RAW_SLOT) * sizeof(float) + 4 * STAGES * sizeof(uint64_t);
+}
+static_assert(smem_bytes(4) <= 227 * 1024, "one block per SM");
 
 struct Stage {
     Operand Q, dO, Qt, dOt, dS;
@@ -739,8 +763,8 @@ __device__ __forceinline__ void add_nonfinite_keys(float (&dQt)[8], Rows<const f
 }
 
 // One block per (key tile j, head bh), as versions 1 and 2. Version 4 stages with version
-// 2's loop; versions 5 and 6 with stage_operands.
-// Version 6 is the deterministic mode, Part II's (flash_attention.cu): key tile j writes its
+// 2's loop; versions 5 to 8 with stage_operands.
+// Versions 6 and 8 are the deterministic mode, Part II's (flash_attention.cu): key tile j writes its
 // shares of dQ into buffer j mod P (buffer 0 is dq, buffers 1 .. P-1 are dq_partial), after
 // key tile j - P and before j + P. Each warp of the dQ consumer publishes how many steps it
 // has written (dq_progress: 4 ints a tile, then a flag a tile), and before it writes step n
@@ -750,17 +774,17 @@ __device__ __forceinline__ void add_nonfinite_keys(float (&dQt)[8], Rows<const f
 // ring's steps running on from one to the next. reversed_start (the checks): the blocks take
 // tiles as if the GPU started them last to first. Part I's dq_sum_kernel adds the buffers.
 // `work` times the roles apart, as version 2's (PRODUCER_ALONE: the consumers only pass the
-// barriers on; CONSUMERS_ALONE: the producer hands the stages over unstaged).
-template <bool linear_staging, bool deterministic, v2::Work work = v2::ALL>
+// barriers on; CONSUMERS_ALONE: the producer hands the stages over unstaged). depth: the
+// producer's raw slots, so that it copies depth - 1 steps ahead (versions 7 and 8: 4).
+template <bool linear_staging, bool deterministic, v2::Work work = v2::ALL, int depth = 1>
 __global__ void __launch_bounds__(THREADS, 1)
 backward_kernel(flash::In q, flash::In k, flash::In v, flash::In dout, const float* L, const float* D,
                 flash::Out dq, float* dq_partial, int* dq_progress, flash::Out dk, flash::Out dv, int BH, int Nq,
                 int Nk, int P, float softmax_scale, bool causal, bool reversed_start) {
     extern __shared__ __align__(128) float smem[];
     float* ring = smem;
-    float* raw_Q = ring + STAGES * STAGE;
-    float* raw_dO = raw_Q + BQ * RAW_STRIDE;
-    uint64_t* full = reinterpret_cast<uint64_t*>(raw_dO + BQ * RAW_STRIDE);
+    float* raw = ring + STAGES * STAGE;                     // the producer's raw slots
+    uint64_t* full = reinterpret_cast<uint64_t*>(raw + depth * RAW_SLOT);
     uint64_t* scores = full + STAGES;
     uint64_t* gradients = scores + STAGES;
     uint64_t* empty = gradients + STAGES;
@@ -796,11 +820,11 @@ backward_kernel(flash::In q, flash::In k, flash::In v, flash::In dout, const flo
     // Whether step q0 of key tile j is on its causal diagonal (holds hidden pairs).
     auto diagonal = [&](int j, int q0) { return causal && q0 < (j + 1) * Bc - 1; };
 
-    if (wg == 0) {  // the producer: version 2's, with stage_operands in versions 5 and 6
+    if (wg == 0) {  // the producer: version 2's, with stage_operands in versions 5 to 8
         flash::hopper::registers_down<40>();
         for_each_tile([&](int, int j, int bh, v2::Sweep sweep, int before) {
-            produce<STAGES, work != v2::CONSUMERS_ALONE, linear_staging, true>(
-                [&](int s) { return stage_at(ring + s * STAGE); }, full, empty, raw_Q, raw_dO, q.head(bh),
+            produce<STAGES, depth, work != v2::CONSUMERS_ALONE, linear_staging, true>(
+                [&](int s) { return stage_at(ring + s * STAGE); }, full, empty, raw, q.head(bh),
                 dout.head(bh), L + (size_t)bh * Nq, D + (size_t)bh * Nq, sweep, before, Nq, tid,
                 causal ? (j + 1) * Bc - 1 : 0);
         });
@@ -925,7 +949,7 @@ struct Problem {
     int BH, Nq, Nk;
     bool causal;
     std::vector<float> q, k, v, dout, L, D;  // (BH, N, 64); L, D (BH, Nq), from float64
-    bool bnhd = false;  // versions 4 to 6: all seven tensors as (B, N, H, 64), H = 2 (layouts.cuh)
+    bool bnhd = false;  // versions 4 to 8: all seven tensors as (B, N, H, 64), H = 2 (layouts.cuh)
 };
 
 // What random_problem puts into head 0: a NaN or an Inf at column 7 of key Nk - 1 (V, K) or
@@ -986,9 +1010,10 @@ Problem random_problem(int BH, int Nq, int Nk, bool causal, unsigned seed, std::
     return p;
 }
 
-// Runs version 1, 2, 4, 5 or 6 once, then `reps` more times between CUDA events; returns the
-// median ms and leaves dq, dk, dv in the vectors. `work` picks version 2's or 5's roles (v2::Work);
-// reversed_start makes version 6's blocks take their tiles as if started last to first.
+// Runs version 1, 2, 4, 5, 6, 7 or 8 once, then `reps` more times between CUDA events; returns
+// the median ms and leaves dq, dk, dv in the vectors. `work` picks version 2's, 5's or 7's
+// roles (v2::Work); reversed_start makes version 6's or 8's blocks take their tiles as if
+// started last to first.
 float run(int version, const Problem& p, std::vector<float>& dq, std::vector<float>& dk, std::vector<float>& dv,
           int reps, v2::Work work = v2::ALL, bool reversed_start = false) {
     const size_t nq = (size_t)p.BH * p.Nq * d, nk = (size_t)p.BH * p.Nk * d;
@@ -996,7 +1021,7 @@ float run(int version, const Problem& p, std::vector<float>& dq, std::vector<flo
     for (auto [ptr, n] : {std::pair{&q, nq}, {&dout, nq}, {&gq, nq}, {&k, nk}, {&v, nk}, {&gk, nk}, {&gv, nk},
                           {&L, (size_t)p.BH * p.Nq}, {&D, (size_t)p.BH * p.Nq}})
         CHECK(cudaMalloc(ptr, n * 4));
-    // versions 1 and 2 read contiguous (B * H, N, 64) tensors; 4 to 6 any Tensor4
+    // versions 1 and 2 read contiguous (B * H, N, 64) tensors; 4 to 8 any Tensor4
     const bool bnhd = p.bnhd && version >= 4;
     const Tensor4<float> Q = layout(q, p.Nq, bnhd), dO = layout(dout, p.Nq, bnhd), K = layout(k, p.Nk, bnhd),
                          V = layout(v, p.Nk, bnhd), dQ = layout(gq, p.Nq, bnhd), dK = layout(gk, p.Nk, bnhd),
@@ -1008,9 +1033,9 @@ float run(int version, const Problem& p, std::vector<float>& dq, std::vector<flo
     CHECK(cudaMemcpy(L, p.L.data(), p.L.size() * 4, cudaMemcpyHostToDevice));
     CHECK(cudaMemcpy(D, p.D.data(), p.D.size() * 4, cudaMemcpyHostToDevice));
     const int Tc = cdiv(p.Nk, Bc), blocks = p.BH * Tc;
-    // Version 6 (deterministic): P buffers, dq and P - 1 more, as Part II's at most 4; where
-    // tiles share a buffer, 5 ints a tile (4 counters, a flag), zeroed before each launch.
-    const bool deterministic = version == 6;
+    // Versions 6 and 8 (deterministic): P buffers, dq and P - 1 more, as Part II's at most 4;
+    // where tiles share a buffer, 5 ints a tile (4 counters, a flag), zeroed before each launch.
+    const bool deterministic = version == 6 || version == 8;
     const int P = std::min(Tc, 4);
     const size_t progress_ints = deterministic && Tc > P ? (size_t)blocks * 5 : 0;
     float* partial = nullptr;
@@ -1021,12 +1046,18 @@ float run(int version, const Problem& p, std::vector<float>& dq, std::vector<flo
                                 : work == v2::PRODUCER_ALONE  ? v2::backward_kernel<v2::PRODUCER_ALONE>
                                 : work == v2::CONSUMERS_ALONE ? v2::backward_kernel<v2::CONSUMERS_ALONE>
                                                               : v2::backward_kernel<v2::ALL>;
-    const auto key_tile_in_registers = version == 4                 ? v4::backward_kernel<false, false>
-                                       : version == 6                 ? v4::backward_kernel<true, true>
-                                       : work == v2::PRODUCER_ALONE   ? v4::backward_kernel<true, false, v2::PRODUCER_ALONE>
-                                       : work == v2::CONSUMERS_ALONE  ? v4::backward_kernel<true, false, v2::CONSUMERS_ALONE>
-                                                                      : v4::backward_kernel<true, false>;
-    const size_t smem = version == 1 ? SMEM : version == 2 ? v2::SMEM : v4::SMEM;
+    using v2::ALL, v2::PRODUCER_ALONE, v2::CONSUMERS_ALONE;
+    const auto key_tile_in_registers =
+        version == 4   ? v4::backward_kernel<false, false>
+        : version == 6 ? v4::backward_kernel<true, true>
+        : version == 8 ? v4::backward_kernel<true, true, ALL, 4>
+        : version == 7 ? (work == PRODUCER_ALONE    ? v4::backward_kernel<true, false, PRODUCER_ALONE, 4>
+                          : work == CONSUMERS_ALONE ? v4::backward_kernel<true, false, CONSUMERS_ALONE, 4>
+                                                    : v4::backward_kernel<true, false, ALL, 4>)
+        : work == PRODUCER_ALONE  ? v4::backward_kernel<true, false, PRODUCER_ALONE>
+        : work == CONSUMERS_ALONE ? v4::backward_kernel<true, false, CONSUMERS_ALONE>
+                                  : v4::backward_kernel<true, false>;
+    const size_t smem = version == 1 ? SMEM : version == 2 ? v2::SMEM : v4::smem_bytes(version >= 7 ? 4 : 1);
     if (version <= 2)
         CHECK(cudaFuncSetAttribute(first_versions, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     else
@@ -1102,9 +1133,10 @@ bool check(int version, int BH, int Nq, int Nk, bool causal, Poison poison = CLE
     return ok;
 }
 
-// Version 6's contract (Part II's): the same bits again, with the blocks started last to
-// first, and for one head computed alone (head 1 of 3, as a problem of its own).
-bool check_bits(int Nq, int Nk, bool causal) {
+// The deterministic versions' contract (6 and 8; Part II's): the same bits again, with the
+// blocks started last to first, and for one head computed alone (head 1 of 3, as a problem of
+// its own).
+bool check_bits(int version, int Nq, int Nk, bool causal) {
     const Problem p = random_problem(3, Nq, Nk, causal, 99 + Nq + Nk);
     Problem one{1, Nq, Nk, causal, {}, {}, {}, {}, {}, {}};
     auto head1 = [](const std::vector<float>& x, std::vector<float>& y) {  // x is (3, n), y (1, n)
@@ -1115,10 +1147,10 @@ bool check_bits(int Nq, int Nk, bool causal) {
                         {&p.D, &one.D}})
         head1(*x, *y);
     std::vector<float> out[4][3];  // runs: first, again, reversed start, head 1 alone; dq, dk, dv
-    run(6, p, out[0][0], out[0][1], out[0][2], 0);
-    run(6, p, out[1][0], out[1][1], out[1][2], 0);
-    run(6, p, out[2][0], out[2][1], out[2][2], 0, v2::ALL, true);
-    run(6, one, out[3][0], out[3][1], out[3][2], 0);
+    run(version, p, out[0][0], out[0][1], out[0][2], 0);
+    run(version, p, out[1][0], out[1][1], out[1][2], 0);
+    run(version, p, out[2][0], out[2][1], out[2][2], 0, v2::ALL, true);
+    run(version, one, out[3][0], out[3][1], out[3][2], 0);
     bool same[3] = {true, true, true};
     for (int x = 0; x < 3; ++x) {
         const std::vector<float>& first = out[0][x];
@@ -1127,8 +1159,8 @@ bool check_bits(int Nq, int Nk, bool causal) {
         same[1] &= memcmp(out[2][x].data(), first.data(), 3 * n * 4) == 0;
         same[2] &= memcmp(out[3][x].data(), first.data() + n, n * 4) == 0;
     }
-    printf("version 6 bits, BH=3 Nq=%d Nk=%d causal=%d: again %s, blocks started last to first %s, head 1 alone %s\n",
-           Nq, Nk, causal, same[0] ? "same" : "DIFFERENT", same[1] ? "same" : "DIFFERENT",
+    printf("version %d bits, BH=3 Nq=%d Nk=%d causal=%d: again %s, blocks started last to first %s, head 1 alone "
+           "%s\n", version, Nq, Nk, causal, same[0] ? "same" : "DIFFERENT", same[1] ? "same" : "DIFFERENT",
            same[2] ? "same" : "DIFFERENT");
     return same[0] && same[1] && same[2];
 }
@@ -1141,9 +1173,9 @@ int main(int argc, char** argv) {
     const bool timed = !(argc > 1 && std::string(argv[1]) == "check");
     std::vector<int> versions;
     for (int a = timed ? 1 : 2; a < argc; ++a) versions.push_back(atoi(argv[a]));
-    if (versions.empty()) versions = {1, 2, 4, 5, 6};
+    if (versions.empty()) versions = {1, 2, 4, 5, 6, 7, 8};
     bool ok = true;
-    float default_ms[2] = {};  // version 5's, for version 6's ratio
+    float default_ms[9][2] = {};  // each version's, for the ratio of 6 to 5 and of 8 to 7
     for (int version : versions) {
         for (bool causal : {false, true}) {
             ok &= check(version, 2, 64, 64, causal);
@@ -1152,12 +1184,12 @@ int main(int argc, char** argv) {
             ok &= check(version, 1, 300, 130, causal);
             ok &= check(version, 3, 200, 200, causal);
             ok &= check(version, 2, 300, 700, causal);
-            if (version < 4) continue;  // versions 4 to 6: strides, NaN and Inf too
+            if (version < 4) continue;  // versions 4 to 8: strides, NaN and Inf too
             ok &= check(version, 4, 200, 130, causal, CLEAN, true);
             for (Poison poison : {NAN_V, INF_V, NAN_K, NAN_Q, NAN_DO}) ok &= check(version, 2, 300, 300, causal, poison);
-            if (version == 6) {
-                ok &= check_bits(200, 300, causal);
-                ok &= check_bits(300, 700, causal);
+            if (version == 6 || version == 8) {
+                ok &= check_bits(version, 200, 300, causal);
+                ok &= check_bits(version, 300, 700, causal);
             }
         }
         for (bool causal : {false, true}) {
@@ -1168,13 +1200,14 @@ int main(int argc, char** argv) {
             const double flop = 2.5 * 4.0 * 16 * 4096.0 * 4096.0 * d / (causal ? 2 : 1);
             printf("version %d, B*H=16, N=4096, causal=%d: %.3f ms, %.1f TFLOP/s\n", version, causal, ms,
                    flop / ms / 1e9);
-            if (version == 2 || version == 5)
+            if (version == 2 || version == 5 || version == 7)
                 printf("  its producer alone %.3f ms, its consumers alone %.3f ms\n",
                        run(version, p, dq, dk, dv, 10, v2::PRODUCER_ALONE),
                        run(version, p, dq, dk, dv, 10, v2::CONSUMERS_ALONE));
-            if (version == 5) default_ms[causal] = ms;
-            if (version == 6 && default_ms[causal] > 0)
-                printf("  deterministic / default (version 5): %.3f\n", ms / default_ms[causal]);
+            default_ms[version][causal] = ms;
+            if ((version == 6 || version == 8) && default_ms[version - 1][causal] > 0)
+                printf("  deterministic / default (version %d): %.3f\n", version - 1,
+                       ms / default_ms[version - 1][causal]);
         }
     }
     return ok ? 0 : 1;
