@@ -330,11 +330,10 @@ __device__ __forceinline__ void load_values_async(float* LD, const float* L, con
 template <int n>
 __device__ __forceinline__ void cp_async_wait_group() { asm volatile("cp.async.wait_group %0;\n" ::"n"(n) : "memory"); }
 
-// x, or 0 where contain and x is a NaN or an Inf (dropped records that).
+// x, or, where contain, Part III's forward's finite_or_zero(x): 0 for a NaN or an Inf, which
+// `dropped` records.
 __device__ __forceinline__ float contained(float x, bool contain, bool& dropped) {
-    const bool drop = contain && !isfinite(x);
-    dropped |= drop;
-    return drop ? 0.f : x;
+    return contain ? flash::hopper::finite_or_zero(x, dropped) : x;
 }
 
 // Which query of a step sits at K position p of Q_i^T, dO_i^T (the inverse of position_of).
